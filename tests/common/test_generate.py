@@ -1,0 +1,58 @@
+"""The `python -m common.generate` command line, run as a user would."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "common.generate", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_prints_a_coherent_story(stories260k) -> None:
+    result = run_cli("--model", str(stories260k), "--prompt", "Once upon a time", "--max-tokens", "40")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(", there was a little girl named Lily")
+
+
+def test_json_output_has_text_and_ids(stories260k) -> None:
+    result = run_cli("--model", str(stories260k), "--prompt", "Once upon a time", "--max-tokens", "7", "--json",
+                     "--temperature", "0.8", "--top-p", "0.9", "--seed", "3")
+    payload = json.loads(result.stdout)
+    assert len(payload["token_ids"]) == 7 and isinstance(payload["text"], str)
+    again = json.loads(run_cli("--model", str(stories260k), "--prompt", "Once upon a time", "--max-tokens", "7",
+                               "--json", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3").stdout)
+    assert again["token_ids"] == payload["token_ids"]
+
+
+def test_stop_string_cuts_the_text(stories260k) -> None:
+    result = run_cli("--model", str(stories260k), "--prompt", "Once upon a time", "--max-tokens", "40",
+                     "--stop", "Lily", "--json")
+    payload = json.loads(result.stdout)
+    assert payload["text"] == ", there was a little girl named " and payload["finish_reason"] == "stop"
+
+
+def test_empty_prompt_is_a_clear_error(stories260k) -> None:
+    result = run_cli("--model", str(stories260k), "--prompt", "", "--max-tokens", "5")
+    assert result.returncode == 2 and "prompt is empty" in result.stderr and result.stdout == ""
+
+
+def test_prompt_longer_than_context_is_rejected(stories260k) -> None:
+    result = run_cli("--model", str(stories260k), "--prompt", "word " * 600, "--max-tokens", "5")
+    assert result.returncode == 2 and "context window of 512 tokens" in result.stderr
+    assert result.stdout == ""
+
+
+def test_default_model_works_offline(tmp_path) -> None:
+    import os
+
+    env = dict(os.environ, HACK_CACHE_DIR=str(tmp_path), HF_HUB_OFFLINE="1")
+    env.pop("HACK_MODEL", None)
+    result = run_cli("--prompt", "hello", "--max-tokens", "5", "--json", "--ignore-eos", env=env)
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["token_ids"]) == 5
+    assert (tmp_path / "hack-tiny-random-llama-v1" / "model.safetensors").exists()

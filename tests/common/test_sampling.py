@@ -1,0 +1,42 @@
+"""Sampler: greedy, seeds, top-k and top-p cut-offs, parameter validation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.sampling import Sampler, SamplingParams, filtered_probabilities
+
+
+def test_greedy_takes_argmax() -> None:
+    logits = torch.randn(3, 50)
+    params = [SamplingParams(temperature=0)] * 3
+    assert Sampler().sample(logits, [0, 1, 2], params) == logits.argmax(-1).tolist()
+
+
+def test_seed_is_reproducible_and_independent_of_batch() -> None:
+    logits = torch.randn(1, 100)
+    seeded = SamplingParams(temperature=1.0, seed=42)
+    alone = [Sampler().sample(logits, [0], [seeded])[0] for _ in range(3)]
+    batched = Sampler().sample(torch.cat([torch.randn(1, 100), logits]), [5, 6],
+                               [SamplingParams(temperature=1.0), seeded])[1]
+    assert len(set(alone)) == 1 and batched == alone[0]
+
+
+def test_top_k_keeps_k_tokens() -> None:
+    logits = torch.arange(10, dtype=torch.float32)
+    probs = filtered_probabilities(logits, SamplingParams(temperature=1.0, top_k=3))
+    assert (probs > 0).nonzero().flatten().tolist() == [7, 8, 9]
+    assert probs.sum().item() == pytest.approx(1.0)
+
+
+def test_top_p_keeps_smallest_prefix_reaching_p() -> None:
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    probs = filtered_probabilities(logits, SamplingParams(temperature=1.0, top_p=0.7))
+    assert probs.tolist() == pytest.approx([0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-2),
+                                 dict(stop=("",))])
+def test_invalid_params_rejected(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
