@@ -30,7 +30,7 @@ def hf_model(path) -> torch.nn.Module:
 
 
 def our_logits(loaded, prompt: list[int]) -> torch.Tensor:
-    kv = FloatKVBackend(loaded.config.num_layers)
+    kv = FloatKVBackend.for_model(loaded.config)
     batch = ForwardBatch.build([0], [0], [len(prompt)])
     kv.reserve(batch)
     return loaded.model(torch.tensor(prompt), batch, kv, logits="all")
@@ -69,7 +69,7 @@ def test_greedy_generation_matches_transformers_random(name: str, random_checkpo
     path = random_checkpoint(SPECS[name])
     loaded, reference = load_model(path, dtype="float32", device="cpu"), hf_model(path)
     prompt = random_prompt(17, loaded.config.vocab_size)
-    engine = Engine(loaded, FloatKVBackend(loaded.config.num_layers))
+    engine = Engine(loaded, FloatKVBackend.for_model(loaded.config))
     ours = engine.generate([prompt], [SamplingParams(max_tokens=64, temperature=0)])[0]
     assert ours.token_ids == greedy_hf(reference, prompt, 64)
 
@@ -77,7 +77,7 @@ def test_greedy_generation_matches_transformers_random(name: str, random_checkpo
 def test_greedy_generation_matches_transformers_stories(stories260k) -> None:
     loaded, reference = load_model(stories260k, dtype="float32", device="cpu"), hf_model(stories260k)
     prompt = loaded.tokenizer.encode("Once upon a time")
-    engine = Engine(loaded, FloatKVBackend(loaded.config.num_layers))
+    engine = Engine(loaded, FloatKVBackend.for_model(loaded.config))
     ours = engine.generate([prompt], [SamplingParams(max_tokens=64, temperature=0)])[0]
     assert ours.token_ids == greedy_hf(reference, prompt, 64)
     assert "Lily" in ours.text  # the model's well-known first story
@@ -88,7 +88,7 @@ def test_mixed_length_batch_equals_each_alone(stories260k) -> None:
     prompts = [loaded.tokenizer.encode(text) for text in
                ("Once upon a time", "The cat", "Tom and his sister went to the big park to play", "A")]
     params = [SamplingParams(max_tokens=n, temperature=0) for n in (30, 5, 17, 1)]
-    engine = Engine(loaded, FloatKVBackend(loaded.config.num_layers))
+    engine = Engine(loaded, FloatKVBackend.for_model(loaded.config))
     batched = engine.generate(prompts, params)
     for prompt, p, together in zip(prompts, params, batched):
         alone = engine.generate([prompt], [p])[0]
@@ -101,7 +101,7 @@ def test_decode_steps_equal_full_prefill_logits(random_checkpoint) -> None:
     loaded = load_model(random_checkpoint(SPECS["llama-gqa2-d64"]), dtype="float32", device="cpu")
     prompt = random_prompt(17, loaded.config.vocab_size)
     full = our_logits(loaded, prompt)
-    kv = FloatKVBackend(loaded.config.num_layers)
+    kv = FloatKVBackend.for_model(loaded.config)
     for position, token in enumerate(prompt):
         batch = ForwardBatch.build([7], [position], [1])
         kv.reserve(batch)
