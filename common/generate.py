@@ -11,7 +11,8 @@ import sys
 
 from common.default_model import model_from_env
 from common.engine import Engine
-from common.kv.factory import KV_MODES, make_kv_backend
+from common.eval.options import add_kv_arguments, kv_config_from_args
+from common.kv.factory import make_kv_backend
 from common.loader import DTYPES, load_model
 from common.sampling import SamplingParams
 
@@ -28,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true")
-    parser.add_argument("--kv-mode", choices=KV_MODES, default="fp16")
+    add_kv_arguments(parser, default_mode="fp16")
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto")
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
@@ -43,8 +44,12 @@ def run(args: argparse.Namespace) -> dict:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
     )
-    engine = Engine(loaded, make_kv_backend(args.kv_mode, loaded))
-    completion = engine.generate([engine.encode(args.prompt)], [params])[0]
+    kv_config = kv_config_from_args(args)
+    prompt_ids = list(loaded.tokenizer.encode(args.prompt))
+    device = next(loaded.model.parameters()).device
+    backend = make_kv_backend(kv_config, loaded.config, device=device, dtype=loaded.model.lm_head.weight.dtype,
+                              max_tokens=len(prompt_ids) + args.max_tokens, max_seqs=1)
+    completion = Engine(loaded, backend).generate([prompt_ids], [params])[0]
     return {
         "text": completion.text,
         "token_ids": completion.token_ids,

@@ -1,0 +1,244 @@
+"""The three paged KV backends (fp16, dequant, hack) behind `KVBackend`, plus per-layer export/import.
+
+All three share the pool bookkeeping (`PagedKVBackend`); they differ in how new K/V are stored and how attention
+reads them. Compute goes through `ops.dispatch`, the seam where device kernels replace the torch reference.
+
+Export/import moves one layer of one sequence between pools without running the model: the prefill side calls
+`export_layer` right after that layer's `attend`; the decode side calls `allocate_sequence` once, then
+`import_layer` for every layer, then decodes with `num_cached` = the imported length.
+"""
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Callable, NamedTuple
+
+import torch
+
+from common.kv.format import Cache, LayerKV, quantize_tokens, recompute_sums
+from common.kv.interface import ForwardBatch, KVBackend
+from common.kv.ops import dispatch
+from common.kv.pool import KVPool
+from common.kv.reference import gather_rows, write_rows
+
+
+class BatchTensors(NamedTuple):
+    """Device tensors of one ForwardBatch, shared by every layer's attend."""
+
+    cu_new: torch.Tensor  # [B + 1]
+    num_cached: torch.Tensor  # [B]
+    seq_lens: torch.Tensor  # [B] cached + new
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    state_slots: torch.Tensor  # [B]
+
+
+class PagedKVBackend(KVBackend):
+    def __init__(self, pool: KVPool, dtype: torch.dtype, softmax_scale: float | None = None) -> None:
+        if not dtype.is_floating_point:
+            raise ValueError(f"compute dtype must be a float dtype, got {dtype}")
+        self.pool, self.dtype = pool, dtype
+        self.layout, self.config = pool.layout, pool.layout.config
+        self.softmax_scale = softmax_scale if softmax_scale is not None else self.layout.head_dim**-0.5
+        self.generator = torch.Generator(device=pool.device).manual_seed(self.config.seed)
+        self._batch_cache: tuple[ForwardBatch, BatchTensors] | None = None
+
+    # -- KVBackend ------------------------------------------------------------------------------------------------
+
+    def reserve(self, batch: ForwardBatch) -> None:
+        totals = {}
+        for seq_id, cached, new in zip(batch.seq_ids, batch.num_cached, batch.num_new):
+            stored = self.pool.num_tokens(seq_id)
+            if cached != stored:
+                raise ValueError(f"sequence {seq_id}: batch has {cached} cached tokens, the KV cache has {stored}")
+            totals[seq_id] = cached + new
+        self._batch_cache = None
+        self.pool.allocate(totals)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               batch: ForwardBatch) -> torch.Tensor:
+        self._check_attend(layer, q, k, v, batch)
+        return self._attend(self.pool.layers[layer], q, k, v, batch, self._tensors(batch))
+
+    def free(self, seq_id: int) -> None:
+        self._batch_cache = None
+        self.pool.free(seq_id)
+
+    def num_tokens(self, seq_id: int) -> int:
+        return self.pool.num_tokens(seq_id)
+
+    # -- export / import ------------------------------------------------------------------------------------------
+
+    def allocate_sequence(self, seq_id: int, num_tokens: int) -> None:
+        """Make room for an imported sequence of num_tokens (KVCacheFull if it does not fit)."""
+        if seq_id in self.pool:
+            raise ValueError(f"sequence {seq_id} already exists")
+        self.pool.allocate({seq_id: num_tokens})
+
+    def export_layer(self, seq_id: int, layer: int) -> LayerKV:
+        """A copy of everything stored for seq_id in `layer` (sums are left out: the importer recomputes them)."""
+        if seq_id not in self.pool:
+            raise KeyError(f"unknown sequence {seq_id}")
+        cache, n = self.pool.layers[layer], self.pool.num_tokens(seq_id)
+        table = self.pool.block_tables([seq_id])[0]
+        fields = self.layout.page_fields(with_sums=False)
+        pages, start = [], 0
+        for count in self.layout.page_token_counts(n):
+            pages.append({f.name: gather_rows(cache, f.name, table, start, count, self.config.block_size).clone()
+                          for f in fields})
+            start += count
+        return LayerKV(n, pages, self._export_state(cache, seq_id, n))
+
+    def _export_state(self, cache: Cache, seq_id: int, n: int) -> dict[str, torch.Tensor]:
+        if not self.config.compressed:
+            return {}
+        split, slot = self.layout.split(n), int(self.pool.state_slots([seq_id])[0])
+        return {
+            "sink_k": cache["sink_k"][slot, :, : split.sinks].clone(),
+            "sink_v": cache["sink_v"][slot, :, : split.sinks].clone(),
+            "tail_k": cache["tail_k"][slot, :, : split.tail].clone(),
+            "tail_v": cache["tail_v"][slot, :, : split.tail].clone(),
+        }
+
+    def import_layer(self, seq_id: int, layer: int, kv: LayerKV) -> None:
+        """Store an exported layer into this pool's pages for seq_id (allocated with `allocate_sequence`)."""
+        n = self.pool.num_tokens(seq_id)
+        if seq_id not in self.pool or kv.num_tokens != n:
+            raise ValueError(f"sequence {seq_id} holds {n} tokens here, the imported layer has {kv.num_tokens}")
+        self._check_import(kv)
+        cache, table = self.pool.layers[layer], self.pool.block_tables([seq_id])[0]
+        start = 0
+        for page, count in zip(kv.pages, self.layout.page_token_counts(n)):
+            rows = {name: t.to(self.pool.device) for name, t in page.items()}
+            if self.config.compressed and self.config.sum_elimination:
+                rows |= recompute_sums(rows, self.config, self.layout.head_dim)
+            write_rows(cache, rows, table, start, count, self.config.block_size)
+            start += count
+        if self.config.compressed:
+            self._import_state(cache, table, seq_id, kv.state, start)
+
+    def _import_state(self, cache: Cache, table: torch.Tensor, seq_id: int, state: dict[str, torch.Tensor],
+                      tail_start: int) -> None:
+        slot = int(self.pool.state_slots([seq_id])[0])
+        for name, values in state.items():
+            cache[name][slot, :, : values.shape[1]] = values.to(self.pool.device)
+        tail = state["tail_k"].shape[1]
+        if tail and not self.config.requant_elimination:  # the ablation attends to the open partition's codes
+            rows = quantize_tokens(cache["tail_k"][slot, :, :tail], cache["tail_v"][slot, :, :tail], self.config,
+                                   self.generator, self.config.sum_elimination)
+            write_rows(cache, rows, table, tail_start, tail, self.config.block_size)
+
+    def _check_import(self, kv: LayerKV) -> None:
+        counts = self.layout.page_token_counts(kv.num_tokens)
+        if len(kv.pages) != len(counts):
+            raise ValueError(f"{kv.num_tokens} tokens need {len(counts)} pages, got {len(kv.pages)}")
+        h = self.layout.num_kv_heads
+        for page, count in zip(kv.pages, counts):
+            for f in self.layout.page_fields(with_sums=False):
+                _check_tensor(f"page {f.name}", page.get(f.name), f.shape(h, count), f.dtype)
+        split = self.layout.split(kv.num_tokens)
+        for name, tokens in (("sink_k", split.sinks), ("sink_v", split.sinks), ("tail_k", split.tail),
+                             ("tail_v", split.tail)):
+            if self.config.compressed:
+                _check_tensor(name, kv.state.get(name), (h, tokens, self.layout.head_dim), torch.float16)
+
+    # -- per mode -------------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def _attend(self, cache: Cache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
+                t: BatchTensors) -> torch.Tensor:
+        """Store the new k, v of every sequence in `cache` (one layer) and return the attention output."""
+
+    def _op(self, name: str) -> Callable:
+        return dispatch(name, self.pool.device)
+
+    def _tensors(self, batch: ForwardBatch) -> BatchTensors:
+        if self._batch_cache is None or self._batch_cache[0] is not batch:
+            device = self.pool.device
+            num_cached = torch.tensor(batch.num_cached, dtype=torch.int64, device=device)
+            seq_lens = num_cached + torch.tensor(batch.num_new, dtype=torch.int64, device=device)
+            tensors = BatchTensors(batch.cu_new.to(device), num_cached, seq_lens,
+                                   self.pool.block_tables(batch.seq_ids), self._slots(batch.seq_ids))
+            self._batch_cache = (batch, tensors)
+        return self._batch_cache[1]
+
+    def _slots(self, seq_ids: tuple[int, ...]) -> torch.Tensor:
+        return self.pool.state_slots(seq_ids)
+
+    def _check_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      batch: ForwardBatch) -> None:
+        if not 0 <= layer < self.pool.num_layers:
+            raise IndexError(f"layer {layer} out of range for {self.pool.num_layers} layers")
+        h, d, t = self.layout.num_kv_heads, self.layout.head_dim, batch.num_tokens
+        if q.dim() != 3 or q.shape[0] != t or q.shape[2] != d or q.shape[1] % h:
+            raise ValueError(f"q must be [{t}, a multiple of {h}, {d}], got {tuple(q.shape)}")
+        for name, x in (("k", k), ("v", v)):
+            if tuple(x.shape) != (t, h, d):
+                raise ValueError(f"{name} must be [{t}, {h}, {d}], got {tuple(x.shape)}")
+        if q.dtype != self.dtype:
+            raise ValueError(f"q has dtype {q.dtype}, the backend computes in {self.dtype}")
+        for seq_id, cached, new in zip(batch.seq_ids, batch.num_cached, batch.num_new):
+            if self.pool.num_tokens(seq_id) != cached + new:
+                raise ValueError(f"sequence {seq_id} was not reserved for this batch (call reserve first)")
+
+
+class Fp16KVBackend(PagedKVBackend):
+    """Uncompressed fp16 pages: the disaggregated baseline."""
+
+    def _attend(self, cache: Cache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
+                t: BatchTensors) -> torch.Tensor:
+        bs = self.config.block_size
+        self._op("store_fp16_kv")(k, v, t.cu_new, t.num_cached, t.block_tables, cache, bs)
+        return self._op("fp16_attention")(q, t.cu_new, t.seq_lens, t.block_tables, cache, bs, self.softmax_scale)
+
+    def _slots(self, seq_ids: tuple[int, ...]) -> torch.Tensor:
+        return torch.full((len(seq_ids),), -1, dtype=torch.int64, device=self.pool.device)
+
+
+class CompressedKVBackend(PagedKVBackend):
+    """HACK storage; attention on the codes (mode "hack") or on dequantized K/V (mode "dequant").
+
+    With quantized_prefill off, multi-token forwards attend in float to the new tokens' original K/V (plus the
+    previously stored tokens, dequantized); only decode then reads the compressed form.
+    """
+
+    def _attend(self, cache: Cache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
+                t: BatchTensors) -> torch.Tensor:
+        float_seqs = [] if self.config.quantized_prefill else [i for i, n in enumerate(batch.num_new) if n > 1]
+        contexts = [self._stored_float(cache, t, i) for i in float_seqs]  # read before the new tokens land
+        self._op("store_compressed_kv")(k, v, t.cu_new, t.num_cached, t.block_tables, t.state_slots, cache,
+                                        self.config, self.generator)
+        out = torch.empty_like(q)
+        compressed_seqs = [i for i in range(len(batch.seq_ids)) if i not in float_seqs]
+        if compressed_seqs:
+            self._compressed_attention(cache, q, batch, t, compressed_seqs, out)
+        for i, (ctx_k, ctx_v) in zip(float_seqs, contexts):
+            rows = batch.rows(i)
+            keys = torch.cat([ctx_k, k[rows].transpose(0, 1).float()], dim=1)
+            values = torch.cat([ctx_v, v[rows].transpose(0, 1).float()], dim=1)
+            out[rows] = self._op("causal_attention")(q[rows], keys, values, self.softmax_scale)
+        return out
+
+    def _stored_float(self, cache: Cache, t: BatchTensors, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._op("dequantize_sequence")(cache, t.block_tables[i], int(t.state_slots[i]),
+                                               int(t.num_cached[i]), self.config)
+
+    def _compressed_attention(self, cache: Cache, q: torch.Tensor, batch: ForwardBatch, t: BatchTensors,
+                              seqs: list[int], out: torch.Tensor) -> None:
+        name = "hack_attention" if self.config.mode == "hack" else "dequant_attention"
+        if len(seqs) == len(batch.seq_ids):
+            rows, sub = slice(None), t
+        else:  # a mixed batch with float-prefill sequences: attend for the others only
+            rows = torch.cat([torch.arange(batch.rows(i).start, batch.rows(i).stop) for i in seqs]).to(q.device)
+            counts = torch.tensor([batch.num_new[i] for i in seqs], device=q.device)
+            cu = torch.zeros(len(seqs) + 1, dtype=torch.int64, device=q.device)
+            cu[1:] = torch.cumsum(counts, 0)
+            idx = torch.tensor(seqs, device=q.device)
+            sub = BatchTensors(cu, t.num_cached[idx], t.seq_lens[idx], t.block_tables[idx], t.state_slots[idx])
+        out[rows] = self._op(name)(q[rows], sub.cu_new, sub.seq_lens, sub.block_tables, sub.state_slots, cache,
+                                   self.config, self.softmax_scale)
+
+
+def _check_tensor(name: str, x: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    if x is None:
+        raise ValueError(f"imported layer is missing {name}")
+    if tuple(x.shape) != tuple(shape) or x.dtype != dtype:
+        raise ValueError(f"imported {name} is {tuple(x.shape)} {x.dtype}, expected {tuple(shape)} {dtype}")

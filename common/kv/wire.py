@@ -1,0 +1,171 @@
+"""Bytes on the wire for exported KV: one chunk per page of one layer, plus one state chunk per compressed layer.
+
+Chunk = header (format.WIRE_HEADER, little-endian) + payload + CRC32 trailer (zlib.crc32 of header + payload,
+little-endian uint32). The payload is the chunk's tensors back to back as raw little-endian bytes, C order:
+    page chunk   the fields of `KVLayout.page_fields(with_sums=False)` in order, each [Hkv, rows, width]
+    state chunk  sink_k, sink_v [Hkv, num_sink_tokens, D] then tail_k, tail_v [Hkv, num_tokens, D], fp16
+Header fields: magic b"HKVC", version, kind (0 page, 1 state), mode (index in config.MODES), bits, key_axis
+(index in config.KEY_AXES), partition, num_kv_heads, head_dim, layer, index (page number within the layer; 0
+for state), num_tokens (page tokens, or tail tokens for state), num_sink_tokens (0 for pages).
+A receiver decodes only chunks whose mode/bits/key_axis/partition/heads/head_dim match its own layout.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from common.kv.config import KEY_AXES, MODES
+from common.kv.format import (STATE_FIELDS, STORAGE_DTYPE, WIRE_HEADER, WIRE_MAGIC, WIRE_TRAILER, WIRE_VERSION,
+                              KVLayout, LayerKV)
+
+PAGE, STATE = 0, 1
+
+
+class WireFormatError(ValueError):
+    """A chunk is truncated, from another format version, or from an incompatible layout."""
+
+
+class WireChecksumError(WireFormatError):
+    """A chunk's CRC32 does not match its bytes: corrupted in transit (worth a resend, unlike a format error)."""
+
+
+class WireChecksumError(WireFormatError):
+    """A chunk's bytes do not match its CRC32: corrupted in transit (the others are version or layout mismatches)."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    kind: int  # PAGE or STATE
+    layer: int
+    index: int
+    num_tokens: int
+    tensors: dict[str, torch.Tensor]
+
+
+def crc32(data: bytes | bytearray | memoryview) -> int:
+    """The checksum used in every chunk's trailer (zlib CRC32, unsigned)."""
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def encode_page(layout: KVLayout, layer: int, index: int, page: dict[str, torch.Tensor]) -> bytes:
+    """One page of one layer ({field: [Hkv, rows, width]} of its filled slots) -> chunk bytes."""
+    fields = layout.page_fields(with_sums=False)
+    num_tokens = page[fields[0].name].shape[1]  # k_codes / k hold one row per token
+    tensors = [_checked(page, f.name, f.shape(layout.num_kv_heads, num_tokens), f.dtype) for f in fields]
+    return _frame(layout, PAGE, layer, index, num_tokens, 0, tensors)
+
+
+def encode_state(layout: KVLayout, layer: int, state: dict[str, torch.Tensor]) -> bytes:
+    """The sinks and open tail of one layer of a compressed sequence -> chunk bytes."""
+    h, d = layout.num_kv_heads, layout.head_dim
+    sinks, tail = state["sink_k"].shape[1], state["tail_k"].shape[1]
+    tokens = {"sink_k": sinks, "sink_v": sinks, "tail_k": tail, "tail_v": tail}
+    tensors = [_checked(state, name, (h, tokens[name], d), STORAGE_DTYPE) for name in STATE_FIELDS]
+    return _frame(layout, STATE, layer, 0, tail, sinks, tensors)
+
+
+def encode_layer(layout: KVLayout, layer: int, kv: LayerKV) -> list[bytes]:
+    """All chunks of one exported layer: its pages in order, then (compressed modes) its state."""
+    chunks = [encode_page(layout, layer, i, page) for i, page in enumerate(kv.pages)]
+    if layout.config.compressed:
+        chunks.append(encode_state(layout, layer, kv.state))
+    return chunks
+
+
+def decode_chunk(layout: KVLayout, data: bytes | bytearray | memoryview) -> Chunk:
+    """Parse and verify one chunk against the receiver's layout; WireFormatError on any mismatch."""
+    data = memoryview(data)
+    if len(data) < WIRE_HEADER.size + WIRE_TRAILER.size:
+        raise WireFormatError(f"chunk of {len(data)} bytes is shorter than its header and trailer")
+    (expected_crc,) = WIRE_TRAILER.unpack_from(data, len(data) - WIRE_TRAILER.size)
+    if crc32(data[: -WIRE_TRAILER.size]) != expected_crc:
+        raise WireChecksumError("KV chunk checksum mismatch (corrupted in transit)")
+    (magic, version, kind, mode, bits, key_axis, partition, heads, head_dim, layer, index, num_tokens,
+     num_sinks) = WIRE_HEADER.unpack_from(data, 0)
+    if magic != WIRE_MAGIC or version != WIRE_VERSION:
+        raise WireFormatError(f"not a version {WIRE_VERSION} KV chunk (magic {magic!r}, version {version})")
+    _check_layout(layout, mode, bits, key_axis, partition, heads, head_dim)
+    if kind == PAGE:
+        specs = [(f.name, f.shape(heads, num_tokens), f.dtype) for f in layout.page_fields(with_sums=False)]
+    elif kind == STATE:
+        tokens = {"sink_k": num_sinks, "sink_v": num_sinks, "tail_k": num_tokens, "tail_v": num_tokens}
+        specs = [(name, (heads, tokens[name], head_dim), STORAGE_DTYPE) for name in STATE_FIELDS]
+    else:
+        raise WireFormatError(f"unknown chunk kind {kind}")
+    tensors = _read_tensors(data[WIRE_HEADER.size : -WIRE_TRAILER.size], specs)
+    return Chunk(kind, layer, index, num_tokens, tensors)
+
+
+def decode_layer(layout: KVLayout, chunks: list[bytes]) -> LayerKV:
+    """Inverse of encode_layer (chunks in any order); checks they form one complete layer."""
+    decoded = [decode_chunk(layout, c) for c in chunks]
+    if len({c.layer for c in decoded}) > 1:
+        raise WireFormatError(f"chunks of several layers given: {sorted({c.layer for c in decoded})}")
+    pages = sorted((c for c in decoded if c.kind == PAGE), key=lambda c: c.index)
+    if [c.index for c in pages] != list(range(len(pages))):
+        raise WireFormatError(f"page chunks {[c.index for c in pages]} are not 0..{len(pages) - 1}")
+    states = [c for c in decoded if c.kind == STATE]
+    if len(states) != int(layout.config.compressed):
+        raise WireFormatError(f"expected {int(layout.config.compressed)} state chunk(s), got {len(states)}")
+    state = states[0].tensors if states else {}
+    num_tokens = sum(c.num_tokens for c in pages)
+    if states:
+        num_tokens += state["sink_k"].shape[1] + state["tail_k"].shape[1]
+    return LayerKV(num_tokens, [c.tensors for c in pages], state)
+
+
+def _frame(layout: KVLayout, kind: int, layer: int, index: int, num_tokens: int, num_sinks: int,
+           tensors: list[torch.Tensor]) -> bytes:
+    if sys.byteorder != "little":
+        raise RuntimeError("the KV wire format is little-endian; big-endian hosts are not supported")
+    cfg = layout.config
+    header = WIRE_HEADER.pack(WIRE_MAGIC, WIRE_VERSION, kind, MODES.index(cfg.mode), cfg.bits,
+                              KEY_AXES.index(cfg.key_axis), cfg.partition, layout.num_kv_heads, layout.head_dim,
+                              layer, index, num_tokens, num_sinks)
+    body = header + b"".join(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes() for t in tensors)
+    return body + WIRE_TRAILER.pack(crc32(body))
+
+
+def _checked(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    x = tensors.get(name)
+    if x is None or tuple(x.shape) != tuple(shape) or x.dtype != dtype:
+        got = "missing" if x is None else f"{tuple(x.shape)} {x.dtype}"
+        raise ValueError(f"{name} must be {tuple(shape)} {dtype}, got {got}")
+    return x
+
+
+def _check_layout(layout: KVLayout, mode: int, bits: int, key_axis: int, partition: int, heads: int,
+                  head_dim: int) -> None:
+    cfg = layout.config
+    theirs = (MODES[mode] if mode < len(MODES) else mode, bits, KEY_AXES[key_axis] if key_axis < len(KEY_AXES)
+              else key_axis, partition, heads, head_dim)
+    ours = (cfg.mode, cfg.bits, cfg.key_axis, cfg.partition, layout.num_kv_heads, layout.head_dim)
+    if not cfg.compressed:  # fp16 pages do not depend on the quantization settings
+        theirs, ours = (theirs[0], *theirs[4:]), (ours[0], *ours[4:])
+    if theirs != ours:
+        raise WireFormatError(f"chunk layout (mode, bits, key_axis, partition, kv heads, head_dim) {theirs} "
+                              f"does not match this pool's {ours}")
+
+
+TensorSpec = tuple[str, tuple[int, ...], torch.dtype]  # name, shape, dtype
+
+
+def _read_tensors(payload: memoryview, specs: list[TensorSpec]) -> dict[str, torch.Tensor]:
+    expected = sum(_nbytes(shape, dtype) for _, shape, dtype in specs)
+    if len(payload) != expected:
+        raise WireFormatError(f"payload has {len(payload)} bytes, the header implies {expected}")
+    raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if expected else torch.empty(0, dtype=torch.uint8)
+    tensors, offset = {}, 0
+    for name, shape, dtype in specs:
+        n = _nbytes(shape, dtype)
+        tensors[name] = raw[offset : offset + n].clone().view(dtype).reshape(shape)  # clone: aligned, owned
+        offset += n
+    return tensors
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
