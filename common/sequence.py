@@ -48,9 +48,17 @@ class Sequence:
     def append(self, token: int) -> str | None:
         """Record a sampled token; returns the finish reason if it ends the sequence."""
         self.output_ids.append(token)
-        stops = self.params.stop_token_ids + (() if self.params.ignore_eos else self.eos_token_ids)
-        if token in stops:
-            self.finish_reason = "stop"
-        elif len(self.output_ids) >= self.params.max_tokens:
-            self.finish_reason = "length"
+        self.finish_reason = finish_reason(self.output_ids, self.params, self.eos_token_ids)
         return self.finish_reason
+
+
+def finish_reason(output_ids: list[int], params: SamplingParams, eos_token_ids: tuple[int, ...] = ()) -> str | None:
+    """"stop" if the last output token is a stop token, "length" once max_tokens are out, else None.
+
+    Also used by the decode service, which holds the output tokens but not the prompt."""
+    stops = params.stop_token_ids + (() if params.ignore_eos else eos_token_ids)
+    if output_ids and output_ids[-1] in stops:
+        return "stop"
+    if len(output_ids) >= params.max_tokens:
+        return "length"
+    return None

@@ -2,7 +2,7 @@
 
 `hack.proto` is the source of truth. `hack_pb2.py`, `hack_pb2.pyi` and `hack_pb2_grpc.py` are generated from it
 by `scripts/gen_proto.sh` and committed (see README.md); import them as `from proto import hack_pb2, hack_pb2_grpc`.
-`proto.kv_wire` turns tensors into checksummed KV blocks and back (it needs torch, so it is not imported here).
+The bytes inside a KV block are `common.kv.wire` chunks.
 """
 from proto import hack_pb2, hack_pb2_grpc
 

@@ -1,0 +1,179 @@
+"""HTTP routes. Each one validates (pydantic), calls `OpenAIServing` and wraps what it returns.
+
+`build_app` loads the tokenizer up front (a bad model directory fails at start, not at the first request);
+the app's lifespan connects to the instances, runs a first health poll and keeps polling in the background.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from router.config import RouterConfig
+from router.errors import RouterError
+from router.instances import InstancePool
+from router.metrics import RouterMetrics
+from router.orchestrator import Orchestrator
+from router.policy import make_policy
+from router.protocol import ChatCompletionRequest, CompletionRequest, ModelList
+from router.serving import OpenAIServing
+from router.tokenization import load_model_info, load_tokenizer
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+HTTP_CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads it
+
+routes = APIRouter()
+
+
+def build_app(config: RouterConfig) -> FastAPI:
+    tokenizer = load_tokenizer(config.model)
+    model_info = load_model_info(config.model, tokenizer, config.max_model_len)
+    metrics = RouterMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # gRPC aio channels belong to the running loop, so the pool is built here and not in build_app.
+        pool = InstancePool.connect(config.prefill_addresses, config.decode_addresses, make_policy(config.policy),
+                                    config.rpc_timeout_s, config.health_interval_s)
+        metrics.watch_pool(pool)
+        orchestrator = Orchestrator(pool, metrics, prefill_timeout_s=config.prefill_timeout_s,
+                                    rpc_timeout_s=config.rpc_timeout_s,
+                                    max_prefill_attempts=config.max_prefill_attempts)
+        app.state.pool = pool
+        app.state.serving = OpenAIServing(config, tokenizer, model_info, orchestrator, metrics)
+        await pool.start()
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    app = FastAPI(title="HACK serve router", lifespan=lifespan)
+    app.state.metrics = metrics
+    _add_error_handlers(app, metrics)
+    app.include_router(routes)
+    return app
+
+
+@routes.post("/v1/completions")
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    return await _respond(request, _serving(request).completion(body))
+
+
+@routes.post("/v1/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    return await _respond(request, _serving(request).chat_completion(body))
+
+
+@routes.get("/v1/models")
+async def list_models(request: Request) -> ModelList:
+    return _serving(request).models()
+
+
+@routes.get("/health")
+async def health() -> Response:
+    """Liveness: the router process answers."""
+    return Response(status_code=200)
+
+
+@routes.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Readiness: at least one healthy prefill and one healthy decode instance."""
+    pool: InstancePool = request.app.state.pool
+    body = {
+        "ready": pool.ready,
+        "instances": [
+            {"role": i.role.value, "address": i.address, "healthy": i.healthy, "inflight": i.inflight}
+            for i in pool.instances
+        ],
+    }
+    return JSONResponse(body, status_code=200 if pool.ready else 503)
+
+
+@routes.get("/metrics")
+async def prometheus_metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _serving(request: Request) -> OpenAIServing:
+    return request.app.state.serving
+
+
+async def _respond(request: Request, work: Awaitable[BaseModel | AsyncIterator[str]]) -> Response:
+    result = await _cancel_on_disconnect(request, work)
+    if result is None:
+        return Response(status_code=HTTP_CLIENT_CLOSED_REQUEST)
+    if isinstance(result, BaseModel):
+        return JSONResponse(result.model_dump(mode="json"))
+    return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | None:
+    """Run `work`; if the client disconnects first, cancel it (which cancels the request on the instances).
+
+    Starlette notices a disconnect by itself only while it streams a body; this covers the time before.
+    Returns None after a disconnect.
+    """
+    work_task = asyncio.ensure_future(work)
+    disconnect_task = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait((work_task, disconnect_task), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnect_task.cancel()
+        if not work_task.done():
+            work_task.cancel()
+    if not work_task.done() or work_task.cancelled():
+        await asyncio.gather(work_task, return_exceptions=True)  # let its cleanup run
+        logger.info("client disconnected from %s before the response was ready", request.url.path)
+        return None
+    return work_task.result()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _add_error_handlers(app: FastAPI, metrics: RouterMetrics) -> None:
+    @app.exception_handler(RouterError)
+    async def router_error(_: Request, error: RouterError) -> JSONResponse:
+        return JSONResponse(error.to_dict(), status_code=error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+        # 400 rather than FastAPI's 422, as OpenAI and vLLM answer.
+        metrics.requests.labels("invalid").inc()
+        return _validation_response(error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        body = RouterError(str(error.detail), status=error.status_code).to_dict()
+        return JSONResponse(body, status_code=error.status_code, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path)
+        body = RouterError(f"internal error: {type(error).__name__}", status=500).to_dict()
+        return JSONResponse(body, status_code=500)
+
+
+def _validation_response(error: RequestValidationError) -> JSONResponse:
+    first = error.errors()[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    message = first.get("msg", "invalid request")
+    if first.get("type") == "json_invalid":
+        message, param = "the request body is not valid JSON", None
+    elif param:
+        message = f"{param}: {message}"
+    return JSONResponse(RouterError(message, status=400, param=param).to_dict(), status_code=400)

@@ -1,0 +1,86 @@
+"""`hack-router`: the command line of the router. Every flag defaults to a HACK_* environment variable.
+
+    hack-router --model ../shared/models/stories260K --prefill localhost:50051 --decode localhost:50061
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+from collections.abc import Sequence
+
+import uvicorn
+
+from proto import KV_MODE_NAMES
+from router.config import RouterConfig
+from router.policy import POLICIES
+
+
+def _env_list(name: str) -> list[str]:
+    """HACK_PREFILL="a:1,b:2" or "a:1 b:2" -> ["a:1", "b:2"]."""
+    return [item for item in re.split(r"[,\s]+", os.environ.get(name, "")) if item]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(
+        prog="hack-router",
+        description="OpenAI-compatible HTTP router in front of HACK prefill and decode instances.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", default=env("HACK_MODEL"), help="model directory (tokenizer, config) [HACK_MODEL]")
+    parser.add_argument("--served-model-name", default=env("HACK_SERVED_MODEL_NAME", ""),
+                        help="name clients send as `model`; default: the --model value [HACK_SERVED_MODEL_NAME]")
+    parser.add_argument("--prefill", nargs="+", default=_env_list("HACK_PREFILL"), metavar="ADDR",
+                        help="prefill instances, host:port [HACK_PREFILL, comma separated]")
+    parser.add_argument("--decode", nargs="+", default=_env_list("HACK_DECODE"), metavar="ADDR",
+                        help="decode instances, host:port [HACK_DECODE, comma separated]")
+    parser.add_argument("--policy", choices=POLICIES, default=env("HACK_POLICY", "round_robin"),
+                        help="instance selection [HACK_POLICY]")
+    parser.add_argument("--kv-mode", choices=KV_MODE_NAMES, default=env("HACK_KV_MODE", "hack"),
+                        help="KV mode of requests that do not name one [HACK_KV_MODE]")
+    parser.add_argument("--host", default=env("HACK_HOST", "0.0.0.0"), help="[HACK_HOST]")
+    # String defaults go through `type` too, so a bad HACK_* value is a usage error, not a traceback.
+    parser.add_argument("--port", type=int, default=env("HACK_PORT", "8000"), help="[HACK_PORT]")
+    parser.add_argument("--max-model-len", type=int, default=env("HACK_MAX_MODEL_LEN", "0"),
+                        help="context window; 0 = the model's [HACK_MAX_MODEL_LEN]")
+    parser.add_argument("--health-interval", type=float, default=env("HACK_HEALTH_INTERVAL_S", "2.0"),
+                        help="seconds between health/Stats polls [HACK_HEALTH_INTERVAL_S]")
+    parser.add_argument("--prefill-timeout", type=float, default=env("HACK_PREFILL_TIMEOUT_S", "600"),
+                        help="seconds one Prefill call may take [HACK_PREFILL_TIMEOUT_S]")
+    parser.add_argument("--log-level", default=env("HACK_LOG_LEVEL", "info"), help="[HACK_LOG_LEVEL]")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    return RouterConfig(
+        model=args.model or "",
+        prefill_addresses=tuple(args.prefill),
+        decode_addresses=tuple(args.decode),
+        served_model_name=args.served_model_name,
+        policy=args.policy,
+        kv_mode=args.kv_mode,
+        host=args.host,
+        port=args.port,
+        max_model_len=args.max_model_len,
+        health_interval_s=args.health_interval,
+        prefill_timeout_s=args.prefill_timeout,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from router.app import build_app  # after argument checks: importing transformers takes seconds
+
+    uvicorn.run(build_app(config), host=config.host, port=config.port, log_level=args.log_level.lower())
+
+
+if __name__ == "__main__":
+    main()

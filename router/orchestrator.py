@@ -1,0 +1,273 @@
+"""One request's trip through a decode and a prefill instance.
+
+    pick D ── D.Generate ──▶ Admitted (KV room reserved on D)
+                │
+    pick P ── P.Prefill ──▶ P runs the prompt and pushes its KV to D ──▶ PrefillResponse (timings)
+                │             a failure before D streamed a token: retry on another P
+                ▼
+    D's stream: token, token, ..., token with finish_reason  ──▶ yielded by `Orchestrator.generate`
+
+D is opened first so that it has admitted the request (and reserved KV room, or refused with
+RESOURCE_EXHAUSTED, in which case another D is tried) before any prefill compute is spent, and so that the
+KV pushed by P always finds the request registered. Closing the generator early (stop string, client gone,
+error) cancels the Generate call and the running prefill, and sends Cancel to both instances.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from proto import hack_pb2
+from router.errors import RouterError, upstream_error
+from router.instances import Instance, InstancePool, Role
+from router.metrics import RouterMetrics
+
+logger = logging.getLogger(__name__)
+
+# A decode instance that answers these is skipped and the next one tried.
+_ADMISSION_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# A prefill that fails with these (before the first token) is retried on another prefill instance.
+_PREFILL_RETRY_CODES = frozenset({
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DATA_LOSS,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.ABORTED,
+})
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    sampling: hack_pb2.SamplingParams
+    stop_token_ids: tuple[int, ...]
+    max_tokens: int
+    kv_mode: hack_pb2.KVMode
+
+
+@dataclass(eq=False)
+class _Run:
+    """What one request holds on the instances while it runs."""
+
+    request: GenerationRequest
+    decode: Instance | None = None
+    call: grpc.aio.UnaryStreamCall | None = None  # D.Generate
+    call_closed_by_decode: bool = False  # D ended the call (error or end of stream): D holds nothing more
+    prefill: Instance | None = None  # the prefill instance working on it right now
+    prefill_task: asyncio.Task[hack_pb2.PrefillResponse | None] | None = None
+    num_tokens: int = 0
+    finished: bool = False  # D sent the finish reason: nothing left to cancel there
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        pool: InstancePool,
+        metrics: RouterMetrics,
+        *,
+        prefill_timeout_s: float,
+        rpc_timeout_s: float,
+        max_prefill_attempts: int,
+    ) -> None:
+        self._pool = pool
+        self._metrics = metrics
+        self._prefill_timeout_s = prefill_timeout_s
+        self._rpc_timeout_s = rpc_timeout_s
+        self._max_prefill_attempts = max_prefill_attempts
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[hack_pb2.GeneratedToken]:
+        """Every token of the request, the first one included; raises RouterError when an instance fails."""
+        run = _Run(request)
+        try:
+            await self._admit(run)
+            assert run.decode is not None
+            with self._pool.track(run.decode):
+                run.prefill_task = asyncio.create_task(self._prefill(run), name=f"prefill-{request.request_id}")
+                async for token in self._read_tokens(run):
+                    yield token
+        finally:
+            self._release(run)
+
+    # ------------------------------------------------------------ decode side
+
+    async def _admit(self, run: _Run) -> None:
+        """Open Generate on a decode instance that accepts the request."""
+        request = run.request
+        message = hack_pb2.GenerateRequest(
+            request_id=request.request_id,
+            prompt_len=len(request.prompt_ids),
+            sampling=request.sampling,
+            stop_token_ids=request.stop_token_ids,
+            max_tokens=request.max_tokens,
+            kv_mode=request.kv_mode,
+        )
+        failed: list[tuple[Instance, grpc.aio.AioRpcError]] = []
+        while True:
+            decode = self._pick(Role.DECODE, failed)
+            run.decode, run.call, run.call_closed_by_decode = decode, decode.stub.Generate(message), False
+            try:
+                first = await run.call.read()
+            except grpc.aio.AioRpcError as error:
+                run.call_closed_by_decode = True
+                self._pool.report_failure(decode, error)
+                if error.code() not in _ADMISSION_RETRY_CODES:
+                    raise upstream_error(Role.DECODE.value, decode.address, error) from error
+                logger.info("request %s: decode %s refused it (%s), trying another", request.request_id,
+                            decode.address, error.code().name)
+                failed.append((decode, error))
+                continue
+            if first is grpc.aio.EOF or not first.HasField("admitted"):
+                run.call_closed_by_decode = first is grpc.aio.EOF
+                raise _protocol_error(decode, "Generate must start with an `admitted` message")
+            decode.dispatched_since_poll += first.admitted.reserved_kv_blocks
+            return
+
+    async def _read_tokens(self, run: _Run) -> AsyncIterator[hack_pb2.GeneratedToken]:
+        assert run.decode is not None
+        while True:
+            message = await self._next_message(run)
+            if message is None:
+                raise _protocol_error(run.decode, "Generate ended without a finish reason")
+            if not message.HasField("token"):
+                raise _protocol_error(run.decode, "Generate sent a second `admitted` message")
+            token = message.token
+            run.num_tokens += 1
+            if token.finish_reason != hack_pb2.FINISH_REASON_NONE:
+                run.finished = True
+                if token.HasField("timers"):
+                    self._metrics.observe_decode(token.timers)
+            yield token
+            if run.finished:
+                return
+
+    async def _next_message(self, run: _Run) -> hack_pb2.GenerateResponse | None:
+        """D's next message (None at the end of the stream).
+
+        While the prefill runs, a prefill failure that comes first fails the request.
+        """
+        assert run.call is not None and run.decode is not None and run.prefill_task is not None
+        read = asyncio.ensure_future(run.call.read())
+        try:
+            if not run.prefill_task.done():
+                await asyncio.wait((read, run.prefill_task), return_when=asyncio.FIRST_COMPLETED)
+            if not read.done():
+                run.prefill_task.result()  # the prefill ended first: raises its error, else keep waiting for D
+            message = await read
+            if message is grpc.aio.EOF:
+                run.call_closed_by_decode = True
+                return None
+            return message
+        except grpc.aio.AioRpcError as error:
+            run.call_closed_by_decode = True
+            self._pool.report_failure(run.decode, error)
+            raise upstream_error(Role.DECODE.value, run.decode.address, error) from error
+        finally:
+            if not read.done():
+                read.cancel()  # cancels the Generate call too; we only get here when failing
+
+    # ------------------------------------------------------------ prefill side
+
+    async def _prefill(self, run: _Run) -> hack_pb2.PrefillResponse | None:
+        """Prefill on some instance, retrying elsewhere while no token has been streamed.
+
+        Returns None when the prefill failed after D started streaming: the KV arrived, the request goes on.
+        """
+        assert run.decode is not None
+        request = run.request
+        message = hack_pb2.PrefillRequest(
+            request_id=request.request_id,
+            token_ids=request.prompt_ids,
+            sampling=request.sampling,
+            decode_address=run.decode.address,
+            kv_mode=request.kv_mode,
+        )
+        failed: list[tuple[Instance, grpc.aio.AioRpcError]] = []
+        for attempt in range(1, self._max_prefill_attempts + 1):
+            prefill = self._pick(Role.PREFILL, failed)
+            try:
+                response = await self._prefill_on(prefill, run, message)
+            except grpc.aio.AioRpcError as error:
+                failed.append((prefill, error))
+                if error.code() not in _PREFILL_RETRY_CODES or run.num_tokens or attempt == self._max_prefill_attempts:
+                    break
+                logger.warning("request %s: prefill on %s failed (%s), retrying on another instance",
+                               request.request_id, prefill.address, error.code().name)
+                self._metrics.prefill_retries.inc()
+                continue
+            self._metrics.observe_prefill(response.timings)
+            return response
+        prefill, error = failed[-1]
+        if run.num_tokens:
+            logger.warning("request %s: prefill on %s failed after tokens were streamed (%s); ignored",
+                           request.request_id, prefill.address, error.code().name)
+            return None
+        raise upstream_error(Role.PREFILL.value, prefill.address, error) from error
+
+    async def _prefill_on(
+        self, prefill: Instance, run: _Run, message: hack_pb2.PrefillRequest
+    ) -> hack_pb2.PrefillResponse:
+        run.prefill = prefill
+        prefill.dispatched_since_poll += 1
+        try:
+            with self._pool.track(prefill):
+                return await prefill.stub.Prefill(message, timeout=self._prefill_timeout_s)
+        except grpc.aio.AioRpcError as error:
+            self._pool.report_failure(prefill, error)
+            raise
+        finally:
+            run.prefill = None
+
+    # ------------------------------------------------------------ shared
+
+    def _pick(self, role: Role, failed: list[tuple[Instance, grpc.aio.AioRpcError]]) -> Instance:
+        """The next instance to try. When none is left, the last failure is the error worth reporting."""
+        try:
+            return self._pool.pick(role, exclude=[instance for instance, _ in failed])
+        except RouterError:
+            if not failed:
+                raise
+            instance, error = failed[-1]
+            raise upstream_error(role.value, instance.address, error) from error
+
+    def _release(self, run: _Run) -> None:
+        """Stop whatever the request still holds on the instances.
+
+        Never awaits: it runs while the request's task may be cancelled (client gone), so the Cancel RPCs are
+        sent from background tasks.
+        """
+        task = run.prefill_task
+        if task is not None and not task.done():
+            task.cancel()
+            if run.prefill is not None:
+                self._cancel_remote(run.prefill, run.request.request_id)
+        elif task is not None and not task.cancelled():
+            task.exception()  # mark retrieved: a failure here was either raised already or made moot by tokens
+        if run.call is not None and not run.finished and not run.call_closed_by_decode:
+            run.call.cancel()  # may have been cancelled already, with a pending read
+            assert run.decode is not None
+            self._cancel_remote(run.decode, run.request.request_id)
+
+    def _cancel_remote(self, instance: Instance, request_id: str) -> None:
+        task = asyncio.create_task(self._send_cancel(instance, request_id), name=f"cancel-{request_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send_cancel(self, instance: Instance, request_id: str) -> None:
+        try:
+            await instance.stub.Cancel(hack_pb2.CancelRequest(request_id=request_id), timeout=self._rpc_timeout_s)
+        except grpc.aio.AioRpcError as error:
+            self._pool.report_failure(instance, error)
+            logger.info("Cancel(%s) on %s %s failed: %s", request_id, instance.role.value, instance.address,
+                        error.code().name)
+
+
+def _protocol_error(instance: Instance, what: str) -> RouterError:
+    return RouterError(f"{instance.role.value} instance {instance.address} broke the protocol: {what}",
+                       status=502, code="protocol_error")
