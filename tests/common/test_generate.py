@@ -56,3 +56,17 @@ def test_default_model_works_offline(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)["token_ids"]) == 5
     assert (tmp_path / "hack-tiny-random-llama-v1" / "model.safetensors").exists()
+
+
+def test_kv_mode_switches_generation(stories260k, capsys) -> None:
+    """All three KV modes generate through the same command; 2-bit modes stay close to fp16 early on."""
+    from common.generate import main
+
+    outputs = {}
+    for mode in ("fp16", "dequant", "hack"):
+        assert main(["--model", str(stories260k), "--prompt", "Once upon a time", "--max-tokens", "12",
+                     "--kv-mode", mode, "--json"]) == 0
+        outputs[mode] = json.loads(capsys.readouterr().out)
+    assert {o["kv_mode"] for o in outputs.values()} == {"fp16", "dequant", "hack"}
+    assert outputs["fp16"]["text"].startswith(", there was a little girl")
+    assert outputs["hack"]["token_ids"][:4] == outputs["fp16"]["token_ids"][:4]
