@@ -15,10 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-ARGS ?= --prompt "Once upon a time" --max-tokens 40
+ARGS ?=
 
 run: $(STAMP)
-	$(PY) -m common.generate $(ARGS)
+	$(VENV)/bin/hack-cluster $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -63,7 +63,7 @@ class Engine:
                                        [1] * len(seqs), self.device)
         self.kv.reserve(batch)
         logits = self.loaded.model(torch.tensor(tokens, device=self.device), batch, self.kv)
-        sampled = sampler.sample(logits, [s.seq_id for s in seqs], [s.params for s in seqs])
+        sampled = sampler.sample(logits, [s.params for s in seqs], [len(s.output_ids) for s in seqs])
         for seq, token in zip(seqs, sampled):
             seq.append(token)
             if not seq.finished and seq.params.stop and self._stop_string_index(seq) is not None:

@@ -1,7 +1,7 @@
 """Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seeds."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -34,34 +34,30 @@ class SamplingParams:
         return self.temperature == 0
 
 
-@dataclass
 class Sampler:
-    """Samples one token per sequence; each seeded request owns its own generator so its
-    output does not depend on what else is in the batch."""
+    """Samples one token per sequence. A seeded request draws output position i from a generator
+    seeded by (seed, i), so its tokens depend neither on the rest of the batch nor on which
+    process samples them (prefill samples position 0, decode the rest)."""
 
-    generators: dict[int, torch.Generator] = field(default_factory=dict)
-
-    def sample(self, logits: torch.Tensor, seq_ids: list[int], params: list[SamplingParams]) -> list[int]:
-        """logits: [B, V] float32. Returns one token id per row."""
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
+        """logits: [B, V] float32; positions: how many tokens each sequence has generated so far."""
         tokens = []
-        for row, seq_id, p in zip(logits, seq_ids, params):
-            tokens.append(int(row.argmax()) if p.greedy else self._sample_row(row, seq_id, p))
+        for row, p, position in zip(logits, params, positions, strict=True):
+            tokens.append(int(row.argmax()) if p.greedy else self._sample_row(row, p, position))
         return tokens
 
-    def _sample_row(self, logits: torch.Tensor, seq_id: int, params: SamplingParams) -> int:
+    @staticmethod
+    def _sample_row(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
         probs = filtered_probabilities(logits, params)
-        generator = self._generator(seq_id, params.seed, logits.device)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=logits.device).manual_seed(position_seed(params.seed, position))
         return int(torch.multinomial(probs, 1, generator=generator))
 
-    def _generator(self, seq_id: int, seed: int | None, device: torch.device) -> torch.Generator | None:
-        if seed is None:
-            return None
-        if seq_id not in self.generators:
-            self.generators[seq_id] = torch.Generator(device=device).manual_seed(seed)
-        return self.generators[seq_id]
 
-    def release(self, seq_id: int) -> None:
-        self.generators.pop(seq_id, None)
+def position_seed(seed: int, position: int) -> int:
+    """A distinct 63-bit seed for each (request seed, output position)."""
+    return (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
 
 
 def filtered_probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -33,10 +33,6 @@ class WireChecksumError(WireFormatError):
     """A chunk's CRC32 does not match its bytes: corrupted in transit (worth a resend, unlike a format error)."""
 
 
-class WireChecksumError(WireFormatError):
-    """A chunk's bytes do not match its CRC32: corrupted in transit (the others are version or layout mismatches)."""
-
-
 @dataclass(frozen=True)
 class Chunk:
     kind: int  # PAGE or STATE

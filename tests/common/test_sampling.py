@@ -10,16 +10,24 @@ from common.sampling import Sampler, SamplingParams, filtered_probabilities
 def test_greedy_takes_argmax() -> None:
     logits = torch.randn(3, 50)
     params = [SamplingParams(temperature=0)] * 3
-    assert Sampler().sample(logits, [0, 1, 2], params) == logits.argmax(-1).tolist()
+    assert Sampler().sample(logits, params, [0, 0, 0]) == logits.argmax(-1).tolist()
 
 
 def test_seed_is_reproducible_and_independent_of_batch() -> None:
     logits = torch.randn(1, 100)
     seeded = SamplingParams(temperature=1.0, seed=42)
-    alone = [Sampler().sample(logits, [0], [seeded])[0] for _ in range(3)]
-    batched = Sampler().sample(torch.cat([torch.randn(1, 100), logits]), [5, 6],
-                               [SamplingParams(temperature=1.0), seeded])[1]
+    alone = [Sampler().sample(logits, [seeded], [4])[0] for _ in range(3)]
+    batched = Sampler().sample(torch.cat([torch.randn(1, 100), logits]),
+                               [SamplingParams(temperature=1.0), seeded], [0, 4])[1]
     assert len(set(alone)) == 1 and batched == alone[0]
+
+
+def test_seeded_positions_draw_independently() -> None:
+    """Different output positions of one seeded request do not replay the same random draw."""
+    logits = torch.zeros(1, 1000)
+    seeded = SamplingParams(temperature=1.0, seed=7)
+    draws = {Sampler().sample(logits, [seeded], [position])[0] for position in range(20)}
+    assert len(draws) > 10
 
 
 def test_top_k_keeps_k_tokens() -> None:

@@ -1,0 +1,205 @@
+"""What the prefill and decode services share: flags with HACK_* defaults, the model and KV setup, errors
+as gRPC statuses, the sampling parameters of a request, and a grpc.aio server with the standard health service
+that runs until SIGINT or SIGTERM.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from common.default_model import model_from_env
+from common.kv.config import MODES, KVConfig
+from common.kv.format import WIRE_VERSION, KVLayout
+from common.loader import DTYPES, LoadedModel, load_model
+from common.sampling import SamplingParams
+from proto import hack_pb2, kv_mode_from_proto, kv_mode_to_proto
+
+log = logging.getLogger(__name__)
+
+# KV chunks are one page of one layer (well under the 4 MiB default), but a large model's page can exceed it.
+GRPC_OPTIONS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+
+
+class ServiceError(Exception):
+    """A request failure with the gRPC status the caller should see."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flags
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """The HACK_<name> environment variable (the default of the flag of the same name)."""
+    return os.environ.get(f"HACK_{name}", default)
+
+
+def add_model_args(parser: argparse.ArgumentParser, default_port: int) -> None:
+    """Flags both services take; each defaults to its HACK_* environment variable."""
+    parser.add_argument("--model", default=env("MODEL"),
+                        help="checkpoint directory (env HACK_MODEL; default: the embedded tiny random model)")
+    parser.add_argument("--host", default=env("HOST", "127.0.0.1"), help="address to listen on (env HACK_HOST)")
+    parser.add_argument("--port", type=int, default=int(env("PORT", str(default_port))),
+                        help=f"gRPC port, 0 = any free port (env HACK_PORT; default {default_port})")
+    parser.add_argument("--kv-mode", choices=MODES, default=env("KV_MODE", "hack"),
+                        help="KV cache mode this instance serves (env HACK_KV_MODE; default hack)")
+    parser.add_argument("--kv-config", default=env("KV_CONFIG", "{}"),
+                        help='other KVConfig fields as JSON, e.g. \'{"partition": 32, "num_sinks": 4}\'; prefill and '
+                             "decode instances must agree (env HACK_KV_CONFIG)")
+    parser.add_argument("--device", default=env("DEVICE"), help="cpu or cuda (env HACK_DEVICE; default: cuda if "
+                        "available)")
+    parser.add_argument("--dtype", choices=("auto", *DTYPES), default=env("DTYPE", "auto"),
+                        help="model compute dtype (env HACK_DTYPE)")
+    parser.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="env HACK_LOG_LEVEL")
+
+
+def kv_config_from_args(args: argparse.Namespace) -> KVConfig:
+    try:
+        extra = json.loads(args.kv_config)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--kv-config is not valid JSON: {error}") from None
+    if not isinstance(extra, dict) or "mode" in extra:
+        raise ValueError("--kv-config must be a JSON object without 'mode' (use --kv-mode)")
+    return KVConfig.from_dict({**extra, "mode": args.kv_mode})
+
+
+def load_service_model(args: argparse.Namespace) -> LoadedModel:
+    return load_model(model_from_env(args.model), dtype=args.dtype, device=args.device)
+
+
+def model_name(loaded: LoadedModel) -> str:
+    """How instances name their model to each other: the checkpoint directory's name."""
+    return loaded.path.name
+
+
+def kv_identity(loaded: LoadedModel, layout: KVLayout) -> dict[str, str | int]:
+    """The KVHeader fields a prefill instance sends and a decode instance requires to be equal to its own."""
+    return {
+        "model": model_name(loaded),
+        "num_layers": loaded.config.num_layers,
+        "num_kv_heads": layout.num_kv_heads,
+        "head_dim": layout.head_dim,
+        "kv_mode": kv_mode_to_proto(layout.config.mode),
+        "format_version": WIRE_VERSION,
+        "block_size": layout.config.block_size,
+    }
+
+
+def chunks_per_layer(layout: KVLayout, num_tokens: int) -> int:
+    """KVBlocks one layer of a num_tokens prompt takes on the wire (wire.encode_layer): pages, then state."""
+    return len(layout.page_token_counts(num_tokens)) + int(layout.config.compressed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Requests
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def request_kv_mode(requested: int, served: str) -> str:
+    """The KV mode a request asks for, checked against the one this instance serves (unset = served)."""
+    if requested == hack_pb2.KV_MODE_UNSPECIFIED:
+        return served
+    try:
+        mode = kv_mode_from_proto(requested)
+    except ValueError as error:
+        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+    if mode != served:
+        raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"this instance serves kv_mode {served!r}, the request asks for {mode!r}")
+    return mode
+
+
+def sampling_params(message: hack_pb2.SamplingParams, max_tokens: int = 1,
+                    stop_token_ids: tuple[int, ...] = ()) -> SamplingParams:
+    """SamplingParams of a request; top_p = 0 means unset (off), like every other zero field of the message."""
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=message.temperature, top_p=message.top_p or 1.0,
+            top_k=message.top_k, seed=message.seed if message.HasField("seed") else None,
+            stop_token_ids=stop_token_ids,
+        )
+    except ValueError as error:
+        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+
+
+@dataclass
+class Counters:
+    """Cumulative request counters of an instance (hack.v1.Counters)."""
+
+    requests_total: int = 0
+    requests_failed: int = 0
+    requests_cancelled: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    kv_bytes: int = 0
+    max_batch_size: int = 0
+
+    def to_proto(self) -> hack_pb2.Counters:
+        return hack_pb2.Counters(**vars(self))
+
+    def count_failure(self, code: grpc.StatusCode) -> None:
+        if code == grpc.StatusCode.CANCELLED:
+            self.requests_cancelled += 1
+        else:
+            self.requests_failed += 1
+
+
+def stats_identity(loaded: LoadedModel, kv_config: KVConfig) -> dict:
+    """The StatsResponse fields that never change."""
+    return {"model": model_name(loaded), "kv_mode": kv_mode_to_proto(kv_config.mode),
+            "kv_block_size": kv_config.block_size}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Server
+# ---------------------------------------------------------------------------------------------------------------
+
+
+async def serve(
+    register: Callable[[grpc.aio.Server], None],
+    service_name: str,
+    host: str,
+    port: int,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Serve until SIGINT/SIGTERM: `register` adds the servicers; health answers SERVING for "" and
+    service_name once the port is bound. Logs "listening on host:port" (what hack-cluster waits for)."""
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not listen on {host}:{port}")
+    await server.start()
+    for name in ("", service_name):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("%s listening on %s:%d", service_name, host, bound)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("%s stopping", service_name)
+    for name in ("", service_name):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(grace=2.0)
+    if on_stop is not None:
+        await on_stop()
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,181 @@
+"""The decode engine: the asyncio side of continuous batching.
+
+One loop task runs `scheduler.schedule()` → `runner.step()` → `scheduler.record_step()` for as long as any
+request is ready or running; the model work (steps, KV imports, frees) runs on one dedicated thread, so the event
+loop keeps serving RPCs while a step computes and the pool is only ever touched by that thread, in submission order.
+Every request has an event queue its Generate stream reads: `TokenEvent`s, ending with one whose finish_reason is
+set, or a `ServiceError` when the request fails (cancel, KV-transfer timeout, bad KV, model error).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from common.sampling import SamplingParams
+from common.service import Counters, ServiceError
+from decode_service.runner import DecodeRunner
+from decode_service.scheduler import AdmissionError, DecodeRequest, RequestState, Scheduler
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DecodeTimers:
+    kv_wait_s: float  # admitted -> KV complete
+    queue_s: float  # KV complete -> first decode step
+    decode_s: float  # first decode step -> last token
+    num_steps: int
+    max_batch_size: int
+    mean_batch_size: float
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    finish_reason: str | None = None
+    step_s: float = 0.0  # 0 for the first token (sampled by the prefill instance)
+    batch_size: int = 0
+    timers: DecodeTimers | None = None  # on the last token only
+
+
+Event = TokenEvent | ServiceError
+
+
+class DecodeEngine:
+    def __init__(self, runner: DecodeRunner, scheduler: Scheduler, kv_timeout_s: float) -> None:
+        if kv_timeout_s <= 0:
+            raise ValueError(f"kv_timeout_s must be > 0, got {kv_timeout_s}")
+        self.runner, self.scheduler, self.kv_timeout_s = runner, scheduler, kv_timeout_s
+        self.counters = Counters()
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-model")
+        self._events: dict[str, asyncio.Queue[Event]] = {}
+        self._kv_deadlines: dict[str, asyncio.TimerHandle] = {}
+        self._wakeup = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._run(), name="decode-loop")
+
+    async def stop(self) -> None:
+        for request in list(self.scheduler.requests.values()):
+            self.fail(request, ServiceError(grpc.StatusCode.UNAVAILABLE, "the decode instance is shutting down"))
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        self._model_thread.shutdown(wait=True)
+
+    async def on_model_thread(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
+
+    # -- request life cycle ---------------------------------------------------------------------------------------
+
+    def admit(self, request_id: str, prompt_len: int, params: SamplingParams) -> tuple[DecodeRequest, asyncio.Queue]:
+        try:
+            request = self.scheduler.admit(request_id, prompt_len, params)
+        except AdmissionError as error:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)) from None
+        except ValueError as error:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        self.counters.requests_total += 1
+        self.counters.prompt_tokens += prompt_len
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        self._events[request_id] = events
+        self._kv_deadlines[request_id] = asyncio.get_running_loop().call_later(
+            self.kv_timeout_s, self._kv_timeout, request)
+        return request, events
+
+    def kv_ready(self, request: DecodeRequest, first_token: int) -> None:
+        """The whole prompt's KV is stored: emit the prefill's token and queue the request for decoding."""
+        self._kv_deadlines.pop(request.request_id).cancel()
+        self.scheduler.kv_ready(request, first_token)
+        self._emit(request, TokenEvent(first_token, request.finish_reason))
+        self._wakeup.set()
+
+    def fail(self, request: DecodeRequest, error: ServiceError) -> None:
+        """End a live request with an error status and free its KV (no-op once it finished)."""
+        if request.state is RequestState.FINISHED:
+            return
+        log.info("request %s failed: %s: %s", request.request_id, error.code.name, error.message)
+        self.counters.count_failure(error.code)
+        self.scheduler.finish(request)
+        self._events[request.request_id].put_nowait(error)
+        self._release(request)
+
+    def cancel(self, request_id: str) -> bool:
+        request = self.scheduler.get(request_id)
+        if request is None:
+            return False
+        self.fail(request, ServiceError(grpc.StatusCode.CANCELLED, f"request {request_id!r} was cancelled"))
+        return True
+
+    def _kv_timeout(self, request: DecodeRequest) -> None:
+        if request.state is RequestState.WAITING_FOR_KV:
+            self.fail(request, ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                            f"the KV of request {request.request_id!r} did not arrive within "
+                                            f"{self.kv_timeout_s:g} s"))
+
+    def _release(self, request: DecodeRequest) -> None:
+        """Forget a finished request and free its KV on the model thread (after any step still using it)."""
+        self._events.pop(request.request_id, None)
+        deadline = self._kv_deadlines.pop(request.request_id, None)
+        if deadline is not None:
+            deadline.cancel()
+        self._model_thread.submit(self.runner.free, request.seq_id).add_done_callback(_log_failure)
+
+    def _emit(self, request: DecodeRequest, event: TokenEvent) -> None:
+        self.counters.generated_tokens += 1
+        if request.state is RequestState.FINISHED:
+            event = TokenEvent(event.token_id, event.finish_reason, event.step_s, event.batch_size, _timers(request))
+        self._events[request.request_id].put_nowait(event)
+        if request.state is RequestState.FINISHED:
+            self._release(request)
+
+    # -- the batching loop ----------------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            batch = self.scheduler.schedule()
+            if not batch:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._step(batch)
+
+    async def _step(self, batch: list[DecodeRequest]) -> None:
+        start = time.monotonic()
+        try:
+            tokens = await self.on_model_thread(self.runner.step, batch)
+        except Exception as error:  # a model error fails this batch, not the instance
+            log.exception("decode step failed")
+            for request in batch:
+                self.fail(request, ServiceError(grpc.StatusCode.INTERNAL, f"decode step failed: {error}"))
+            return
+        step_s = time.monotonic() - start
+        self.counters.max_batch_size = max(self.counters.max_batch_size, len(batch))
+        for request in self.scheduler.record_step(batch, tokens, step_s):
+            self._emit(request, TokenEvent(request.last_token, request.finish_reason, step_s, len(batch)))
+
+
+def _timers(request: DecodeRequest) -> DecodeTimers:
+    now = time.monotonic()
+    first_step = request.first_step_at or now
+    return DecodeTimers(
+        kv_wait_s=request.kv_done_at - request.admitted_at,
+        queue_s=max(0.0, first_step - request.kv_done_at),
+        decode_s=now - first_step,
+        num_steps=request.num_steps,
+        max_batch_size=request.max_batch_size,
+        mean_batch_size=request.sum_batch_size / request.num_steps if request.num_steps else 0.0,
+    )
+
+
+def _log_failure(future) -> None:
+    if future.exception() is not None:
+        log.error("freeing KV failed", exc_info=future.exception())

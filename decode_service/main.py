@@ -1,0 +1,79 @@
+"""`hack-decode`: the decode instance (gRPC). Holds the compressed KV caches and generates tokens in
+continuous batches. Every flag defaults to its HACK_* environment variable."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from common.kv.factory import make_kv_backend
+from common.service import (add_model_args, configure_logging, env, kv_config_from_args, kv_identity,
+                            load_service_model, serve)
+from decode_service.engine import DecodeEngine
+from decode_service.runner import DecodeRunner
+from decode_service.scheduler import Scheduler
+from decode_service.server import DecodeServicer, add_to_server
+from proto import DECODE_SERVICE_NAME
+
+DEFAULT_PORT = 50061
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="hack-decode", description=__doc__.splitlines()[0])
+    add_model_args(parser, DEFAULT_PORT)
+    capacity = parser.add_mutually_exclusive_group()
+    capacity.add_argument("--kv-memory-mb", type=float, default=float(env("KV_MEMORY_MB", "512")),
+                          help="KV pool size in MiB (env HACK_KV_MEMORY_MB; default 512)")
+    capacity.add_argument("--kv-blocks", type=int, default=_optional_int(env("KV_BLOCKS")),
+                          help="KV pool size in blocks (pages of block_size tokens, all layers); overrides "
+                               "--kv-memory-mb (env HACK_KV_BLOCKS)")
+    parser.add_argument("--max-seqs", type=int, default=int(env("MAX_SEQS", "64")),
+                        help="requests held at once (env HACK_MAX_SEQS; default 64)")
+    parser.add_argument("--max-batch-size", type=int, default=_optional_int(env("MAX_BATCH_SIZE")),
+                        help="sequences per decode step (env HACK_MAX_BATCH_SIZE; default --max-seqs)")
+    parser.add_argument("--kv-timeout-s", type=float, default=float(env("KV_TIMEOUT_S", "60")),
+                        help="an admitted request whose KV has not arrived by then fails and frees its blocks "
+                             "(env HACK_KV_TIMEOUT_S; default 60)")
+    return parser.parse_args(argv)
+
+
+def _optional_int(value: str | None) -> int | None:
+    return None if value in (None, "") else int(value)
+
+
+def build_servicer(args: argparse.Namespace) -> DecodeServicer:
+    if args.kv_blocks is not None and args.kv_blocks < 1:
+        raise ValueError(f"--kv-blocks must be >= 1, got {args.kv_blocks}")
+    if args.kv_memory_mb <= 0:
+        raise ValueError(f"--kv-memory-mb must be > 0, got {args.kv_memory_mb}")
+    loaded = load_service_model(args)
+    kv_config = kv_config_from_args(args)
+    param = next(loaded.model.parameters())
+    size = ({"max_tokens": args.kv_blocks * kv_config.block_size} if args.kv_blocks is not None
+            else {"memory_bytes": int(args.kv_memory_mb * 2**20)})
+    backend = make_kv_backend(kv_config, loaded.config, param.device, param.dtype, max_seqs=args.max_seqs, **size)
+    scheduler = Scheduler(backend.layout, backend.pool.num_blocks, args.max_seqs, args.max_batch_size or args.max_seqs)
+    engine = DecodeEngine(DecodeRunner(loaded, backend), scheduler, args.kv_timeout_s)
+    return DecodeServicer(engine, kv_identity(loaded, backend.layout), kv_config.mode)
+
+
+async def run(args: argparse.Namespace) -> None:
+    servicer = build_servicer(args)
+    await servicer.engine.start()
+    await serve(lambda server: add_to_server(servicer, server), DECODE_SERVICE_NAME, args.host, args.port,
+                on_stop=servicer.engine.stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        asyncio.run(run(args))
+    except (ValueError, OSError) as error:
+        print(f"hack-decode: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""The prefill engine: a FIFO of prompts, batched by a token budget, each batch's KV streamed as it is made.
+
+    submit ──> queue ──(batch: FIFO while the prompt tokens fit the budget)──> model thread forward
+                                                                                  │ every layer
+                           KVSender per request (PushKV to its decode instance) <─┘
+    result = first token + timings, once the decode instance acknowledged the KV
+
+The loop starts the next batch as soon as the forward returns; the previous batch's pushes (paced by the link
+token bucket, if any) finish meanwhile, so compute and transfer overlap across batches as well as across layers.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+
+from common.sampling import SamplingParams
+from common.service import Counters, ServiceError, chunks_per_layer
+from prefill_service.kv_sender import DecodeStubs, KVSender, SendResult
+from prefill_service.token_bucket import TokenBucket
+from prefill_service.worker import PrefillWorker
+from proto import hack_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    first_token: int
+    queue_s: float
+    compute_s: float
+    transfer_s: float
+    kv_bytes: int
+
+
+@dataclass
+class PrefillJob:
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    decode_address: str
+    seq_id: int
+    result: asyncio.Future = field(repr=False)
+    received_at: float = field(default_factory=time.monotonic)
+    sender: KVSender | None = field(default=None, repr=False)
+    first_token: int = -1  # known once the forward ran
+    compute_s: float = 0.0
+
+
+class PrefillEngine:
+    def __init__(self, worker: PrefillWorker, identity: dict[str, str | int], token_budget: int,
+                 max_batch_seqs: int, link: TokenBucket | None = None) -> None:
+        if token_budget < 1 or max_batch_seqs < 1:
+            raise ValueError(f"token_budget and max_batch_seqs must be >= 1, got {token_budget}, {max_batch_seqs}")
+        self.worker, self.identity, self.link = worker, identity, link
+        self.token_budget, self.max_batch_seqs = token_budget, max_batch_seqs
+        self.counters = Counters()
+        self.stubs = DecodeStubs()
+        self._queue: deque[PrefillJob] = deque()
+        self._jobs: dict[str, PrefillJob] = {}  # queued or running, until their result is set
+        self._wakeup = asyncio.Event()
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-model")
+        self._next_seq_id = 0
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        self._spawn(self._run())
+
+    async def stop(self) -> None:
+        for job in list(self._jobs.values()):
+            self._fail(job, ServiceError(grpc.StatusCode.UNAVAILABLE, "the prefill instance is shutting down"))
+        for task in self._tasks:
+            task.cancel()
+        self._model_thread.shutdown(wait=True)
+        await self.stubs.close()
+
+    @property
+    def queue_len(self) -> int:
+        """Requests received and not finished (queued, computing or pushing KV)."""
+        return len(self._jobs)
+
+    async def prefill(self, request_id: str, token_ids: list[int], params: SamplingParams,
+                      decode_address: str) -> PrefillResult:
+        if request_id in self._jobs:
+            raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"request {request_id!r} is already being prefilled")
+        job = PrefillJob(request_id, token_ids, params, decode_address, self._next_seq_id,
+                         asyncio.get_running_loop().create_future())
+        self._next_seq_id += 1
+        self._jobs[request_id] = job
+        self._queue.append(job)
+        self.counters.requests_total += 1
+        self.counters.prompt_tokens += len(token_ids)
+        self._wakeup.set()
+        return await job.result
+
+    def cancel(self, request_id: str) -> bool:
+        job = self._jobs.get(request_id)
+        if job is None:
+            return False
+        self._fail(job, ServiceError(grpc.StatusCode.CANCELLED, f"request {request_id!r} was cancelled"))
+        return True
+
+    def _fail(self, job: PrefillJob, error: ServiceError) -> None:
+        if self._jobs.pop(job.request_id, None) is None:
+            return
+        if job in self._queue:
+            self._queue.remove(job)
+        if job.sender is not None:
+            job.sender.abort()
+        self.counters.count_failure(error.code)
+        if not job.result.done():
+            job.result.set_exception(error)
+
+    # -- the batching loop ----------------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._prefill_batch(take_batch(self._queue, self.token_budget, self.max_batch_seqs))
+
+    async def _prefill_batch(self, batch: list[PrefillJob]) -> None:
+        started = time.monotonic()
+        by_seq = {job.seq_id: job for job in batch}
+        for job in batch:
+            job.sender = KVSender(self.stubs.get(job.decode_address), job.decode_address, self._header(job), self.link)
+            self._spawn(self._push(job, started))
+        loop = asyncio.get_running_loop()
+
+        def on_layer(seq_id: int, layer: int, chunks: list[bytes]) -> None:  # model thread
+            loop.call_soon_threadsafe(by_seq[seq_id].sender.put_layer, layer, chunks)
+
+        try:
+            first_tokens = await loop.run_in_executor(
+                self._model_thread, self.worker.run, list(by_seq), [j.token_ids for j in batch],
+                [j.params for j in batch], on_layer)
+        except Exception as error:  # a model error fails this batch, not the instance
+            log.exception("prefill failed")
+            for job in batch:
+                self._fail(job, ServiceError(grpc.StatusCode.INTERNAL, f"prefill failed: {error}"))
+            return
+        compute_s = time.monotonic() - started
+        self.counters.max_batch_size = max(self.counters.max_batch_size, len(batch))
+        for job, token in zip(batch, first_tokens):
+            job.sender.finish(token)
+            job.first_token, job.compute_s = token, compute_s
+
+    async def _push(self, job: PrefillJob, started: float) -> None:
+        try:
+            sent: SendResult = await job.sender.run()
+        except ServiceError as error:
+            self._fail(job, error)
+            return
+        self.counters.kv_bytes += sent.kv_bytes
+        if self._jobs.pop(job.request_id, None) is None:  # cancelled meanwhile
+            return
+        self.counters.generated_tokens += 1
+        job.result.set_result(PrefillResult(job.first_token, started - job.received_at, job.compute_s,
+                                            sent.transfer_s, sent.kv_bytes))
+
+    def _header(self, job: PrefillJob) -> hack_pb2.KVHeader:
+        num_blocks = self.identity["num_layers"] * chunks_per_layer(self.worker.backend.layout, len(job.token_ids))
+        return hack_pb2.KVHeader(request_id=job.request_id, num_tokens=len(job.token_ids), num_blocks=num_blocks,
+                                 **self.identity)
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def take_batch(queue: deque[PrefillJob], token_budget: int, max_seqs: int) -> list[PrefillJob]:
+    """Pop the next batch: FIFO while the prompt tokens fit the budget; the first prompt always goes, however long."""
+    batch = [queue.popleft()]
+    tokens = len(batch[0].token_ids)
+    while queue and len(batch) < max_seqs and tokens + len(queue[0].token_ids) <= token_budget:
+        batch.append(queue.popleft())
+        tokens += len(batch[-1].token_ids)
+    return batch

@@ -1,0 +1,108 @@
+"""Streams one request's KV to its decode instance (PushKV) while the prompt is still running.
+
+The model thread feeds a queue with each layer's wire chunks as soon as the layer ran (`put_layer`, called on
+the event loop); the PushKV request stream sends the header at once, every chunk as it arrives, paced by the
+optional link token bucket, and the trailer with the first token once the forward is done (`finish`). `abort`
+cancels the call, so the decode instance keeps the request waiting for another attempt.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from common.service import GRPC_OPTIONS, ServiceError
+from prefill_service.token_bucket import TokenBucket
+from proto import hack_pb2, hack_pb2_grpc
+
+
+@dataclass(frozen=True)
+class SendResult:
+    kv_bytes: int  # KVBlock.data bytes sent
+    transfer_s: float  # PushKV opened -> decode instance acknowledged
+
+
+@dataclass(frozen=True)
+class _Layer:
+    layer: int
+    chunks: list[bytes]
+
+
+@dataclass(frozen=True)
+class _Trailer:
+    first_token: int
+
+
+class KVSender:
+    def __init__(self, stub: hack_pb2_grpc.DecodeServiceStub, address: str, header: hack_pb2.KVHeader,
+                 link: TokenBucket | None = None) -> None:
+        self.stub, self.address, self.header, self.link = stub, address, header, link
+        self._queue: asyncio.Queue[_Layer | _Trailer] = asyncio.Queue()
+        self._call: grpc.aio.StreamUnaryCall | None = None
+        self._aborted = False
+        self.kv_bytes = 0
+
+    def put_layer(self, layer: int, chunks: list[bytes]) -> None:
+        self._queue.put_nowait(_Layer(layer, chunks))
+
+    def finish(self, first_token: int) -> None:
+        self._queue.put_nowait(_Trailer(first_token))
+
+    def abort(self) -> None:
+        self._aborted = True
+        if self._call is not None:
+            self._call.cancel()
+
+    async def run(self) -> SendResult:
+        """Push everything and wait for the decode instance's answer; ServiceError with its status if refused."""
+        start = time.monotonic()
+        self._call = self.stub.PushKV(self._messages())
+        if self._aborted:
+            self._call.cancel()
+        try:
+            await self._call
+        except asyncio.CancelledError:
+            raise ServiceError(grpc.StatusCode.CANCELLED, "the KV push was cancelled") from None
+        except grpc.aio.AioRpcError as error:
+            raise ServiceError(error.code(), f"decode instance {self.address} refused the KV: "
+                               f"{error.details() or error.code().name}") from None
+        return SendResult(self.kv_bytes, time.monotonic() - start)
+
+    async def _messages(self) -> AsyncIterator[hack_pb2.KVChunk]:
+        yield hack_pb2.KVChunk(header=self.header)
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, _Trailer):
+                yield hack_pb2.KVChunk(trailer=hack_pb2.KVTrailer(first_token=item.first_token))
+                return
+            for index, data in enumerate(item.chunks):
+                if self.link is not None:
+                    await self.link.acquire(len(data))
+                self.kv_bytes += len(data)
+                yield hack_pb2.KVChunk(block=self._block(item.layer, index, len(item.chunks), data))
+
+    def _block(self, layer: int, index: int, num_chunks: int, data: bytes) -> hack_pb2.KVBlock:
+        """wire.encode_layer's chunks are the layer's pages in order, then (compressed modes) its state."""
+        if self.header.kv_mode != hack_pb2.KV_MODE_FP16 and index == num_chunks - 1:
+            return hack_pb2.KVBlock(layer=layer, index=0, kind=hack_pb2.BLOCK_KIND_STATE, data=data)
+        return hack_pb2.KVBlock(layer=layer, index=index, kind=hack_pb2.BLOCK_KIND_PAGE, data=data)
+
+
+class DecodeStubs:
+    """One channel per decode instance, opened on first use and kept for later pushes."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> hack_pb2_grpc.DecodeServiceStub:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        return hack_pb2_grpc.DecodeServiceStub(self._channels[address])
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()

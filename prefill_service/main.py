@@ -1,0 +1,70 @@
+"""`hack-prefill`: the prefill instance (gRPC). Runs prompts in token-budget batches and streams each layer's KV
+to the decode instance while the next layer computes. Every flag defaults to its HACK_* environment variable."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from common.kv.factory import make_kv_backend
+from common.service import (add_model_args, configure_logging, env, kv_config_from_args, kv_identity,
+                            load_service_model, serve)
+from prefill_service.engine import PrefillEngine
+from prefill_service.server import PrefillServicer, add_to_server
+from prefill_service.token_bucket import TokenBucket
+from prefill_service.worker import PrefillWorker
+from proto import PREFILL_SERVICE_NAME
+
+DEFAULT_PORT = 50051
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="hack-prefill", description=__doc__.splitlines()[0])
+    add_model_args(parser, DEFAULT_PORT)
+    parser.add_argument("--token-budget", type=int, default=int(env("PREFILL_TOKEN_BUDGET", "4096")),
+                        help="prompt tokens per prefill batch; a longer prompt runs alone "
+                             "(env HACK_PREFILL_TOKEN_BUDGET; default 4096)")
+    parser.add_argument("--max-batch-seqs", type=int, default=int(env("PREFILL_MAX_BATCH_SEQS", "16")),
+                        help="prompts per prefill batch (env HACK_PREFILL_MAX_BATCH_SEQS; default 16)")
+    parser.add_argument("--kv-link-gbps", type=float, default=float(env("KV_LINK_GBPS", "0")),
+                        help="emulate a KV link of this many Gbit/s (token bucket); 0 = no limit "
+                             "(env HACK_KV_LINK_GBPS)")
+    return parser.parse_args(argv)
+
+
+def build_servicer(args: argparse.Namespace) -> PrefillServicer:
+    if args.kv_link_gbps < 0:
+        raise ValueError(f"--kv-link-gbps must be >= 0 (0 = no limit), got {args.kv_link_gbps}")
+    loaded = load_service_model(args)
+    kv_config = kv_config_from_args(args)
+    param = next(loaded.model.parameters())
+    # Room for one batch: the budget (or one prompt of the whole context) plus a partial page per prompt.
+    max_tokens = max(args.token_budget, loaded.config.context_window) + args.max_batch_seqs * kv_config.block_size
+    backend = make_kv_backend(kv_config, loaded.config, param.device, param.dtype, max_tokens=max_tokens,
+                              max_seqs=args.max_batch_seqs)
+    link = TokenBucket.for_link(args.kv_link_gbps) if args.kv_link_gbps else None
+    engine = PrefillEngine(PrefillWorker(loaded, backend), kv_identity(loaded, backend.layout), args.token_budget,
+                           args.max_batch_seqs, link)
+    return PrefillServicer(engine, kv_config.mode, loaded.config.context_window, loaded.config.vocab_size)
+
+
+async def run(args: argparse.Namespace) -> None:
+    servicer = build_servicer(args)
+    await servicer.engine.start()
+    await serve(lambda server: add_to_server(servicer, server), PREFILL_SERVICE_NAME, args.host, args.port,
+                on_stop=servicer.engine.stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        asyncio.run(run(args))
+    except (ValueError, OSError) as error:
+        print(f"hack-prefill: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
