@@ -1,0 +1,78 @@
+"""What the two services share: HACK_* flag defaults, KV settings, request checks, start-up errors."""
+from __future__ import annotations
+
+import argparse
+
+import grpc
+import pytest
+
+from common.service import ServiceError, kv_config_from_args, request_kv_mode, sampling_params
+from decode_service import main as decode_main
+from prefill_service import main as prefill_main
+from proto import hack_pb2
+from tests.decode_service.harness import SPEC
+
+
+def test_flags_default_to_hack_environment_variables(monkeypatch) -> None:
+    monkeypatch.setenv("HACK_PORT", "6123")
+    monkeypatch.setenv("HACK_KV_MODE", "dequant")
+    monkeypatch.setenv("HACK_KV_BLOCKS", "77")
+    monkeypatch.setenv("HACK_KV_LINK_GBPS", "2.5")
+    decode, prefill = decode_main.parse_args([]), prefill_main.parse_args(["--port", "7000"])
+    assert (decode.port, decode.kv_mode, decode.kv_blocks) == (6123, "dequant", 77)
+    assert (prefill.port, prefill.kv_mode, prefill.kv_link_gbps) == (7000, "dequant", 2.5)  # a flag wins
+
+
+def test_default_ports_differ_per_role(monkeypatch) -> None:
+    monkeypatch.delenv("HACK_PORT", raising=False)
+    assert decode_main.parse_args([]).port != prefill_main.parse_args([]).port
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "not valid JSON"),
+    ('["partition", 32]', "must be a JSON object"),
+    ('{"mode": "fp16"}', "use --kv-mode"),
+    ('{"partitions": 32}', "unknown KV config keys"),
+    ('{"partition": 33}', "partition must be one of"),
+])
+def test_bad_kv_settings_are_refused(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        kv_config_from_args(argparse.Namespace(kv_config=text, kv_mode="hack"))
+
+
+def test_kv_settings_combine_the_mode_and_the_json() -> None:
+    config = kv_config_from_args(argparse.Namespace(kv_config='{"partition": 32, "num_sinks": 2}', kv_mode="fp16"))
+    assert (config.mode, config.partition, config.num_sinks) == ("fp16", 32, 2)
+
+
+def test_sampling_fields_map_to_sampling_params() -> None:
+    unset = sampling_params(hack_pb2.SamplingParams(), max_tokens=5, stop_token_ids=(2,))
+    assert (unset.greedy, unset.top_p, unset.top_k, unset.seed, unset.stop_token_ids) == (True, 1.0, 0, None, (2,))
+    seeded = sampling_params(hack_pb2.SamplingParams(temperature=0.7, top_p=0.9, top_k=40, seed=0))
+    assert (seeded.temperature, seeded.top_k, seeded.seed) == (pytest.approx(0.7), 40, 0)
+    with pytest.raises(ServiceError) as error:
+        sampling_params(hack_pb2.SamplingParams(top_p=1.5))
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT and "top_p" in error.value.message
+
+
+def test_a_request_may_only_ask_for_the_served_kv_mode() -> None:
+    assert request_kv_mode(hack_pb2.KV_MODE_UNSPECIFIED, "hack") == "hack"
+    assert request_kv_mode(hack_pb2.KV_MODE_FP16, "fp16") == "fp16"
+    with pytest.raises(ServiceError) as other:
+        request_kv_mode(hack_pb2.KV_MODE_DEQUANT, "hack")
+    assert other.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(ServiceError) as unknown:
+        request_kv_mode(42, "hack")
+    assert unknown.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("main, flags, message", [
+    (decode_main.main, ["--kv-config", '{"partition": 33}'], "partition must be one of"),
+    (decode_main.main, ["--kv-memory-mb", "0.001"], "does not hold one page"),
+    (decode_main.main, ["--kv-blocks", "-3"], "--kv-blocks must be >= 1"),
+    (prefill_main.main, ["--kv-link-gbps", "-1"], "--kv-link-gbps must be >= 0"),
+    (prefill_main.main, ["--token-budget", "0"], "token_budget and max_batch_seqs must be >= 1"),
+])
+def test_bad_settings_stop_the_service_with_a_clear_error(random_checkpoint, capsys, main, flags, message) -> None:
+    assert main(["--model", str(random_checkpoint(SPEC)), "--port", "0", *flags]) == 2
+    assert message in capsys.readouterr().err
