@@ -56,11 +56,13 @@ class Reference:
     finish_reason: str
 
 
-def reference_completion(loaded, mode: str, prompt: str, max_tokens: int = MAX_TOKENS) -> Reference:
-    """In-process greedy generation with the same model and KV mode."""
+def reference_completion(loaded, mode: str, prompt: str, max_tokens: int = MAX_TOKENS,
+                         params: SamplingParams | None = None) -> Reference:
+    """In-process generation (greedy unless params say otherwise) with the same model and KV mode."""
     kv = make_kv_backend(KVConfig(mode=mode), loaded.config, "cpu", torch.float32, max_tokens=1024)
     engine = Engine(loaded, kv)
-    completion = engine.generate([engine.encode(prompt)], [SamplingParams(max_tokens, temperature=0.0)])[0]
+    params = params or SamplingParams(max_tokens, temperature=0.0)
+    completion = engine.generate([engine.encode(prompt)], [params])[0]
     decode = partial(loaded.tokenizer.decode, skip_special_tokens=True)
     text = decode(completion.prompt_ids + completion.token_ids)[len(decode(completion.prompt_ids)):]
     return Reference(text, len(completion.token_ids), completion.finish_reason)
@@ -118,6 +120,15 @@ def test_openai_client_matches_the_engine(cluster: Cluster, loaded, prompt: str)
     assert whole.usage.completion_tokens == chunks[-1].usage.completion_tokens == expected.num_tokens
     assert whole.choices[0].finish_reason == expected.finish_reason
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected.finish_reason
+
+
+def test_seeded_sampling_matches_the_engine(cluster: Cluster, loaded) -> None:
+    """Prefill samples output position 0 and decode the rest, yet a seed reproduces the engine's draw."""
+    params = SamplingParams(MAX_TOKENS, temperature=0.9, top_p=0.95, seed=1234)
+    expected = reference_completion(loaded, cluster.config.kv_mode, PROMPTS[0], params=params)
+    response = openai_client(cluster).completions.create(
+        **completion_body(cluster, PROMPTS[0], temperature=0.9, top_p=0.95, seed=1234))
+    assert response.choices[0].text == expected.text
 
 
 def test_raw_http_matches_the_engine(cluster: Cluster, loaded) -> None:
