@@ -1,27 +1,15 @@
-# Two entry points (see README): `make run` and `make test`. Both create and reuse .venv.
-PYTHON ?= python3
-VENV := .venv
-PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
-
+# Thin aliases for ./hack (README's two commands): `make run`, `make test`.
 .PHONY: run test install clean
-
-$(STAMP): pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
-	touch $(STAMP)
-
-install: $(STAMP)
-
 ARGS ?=
 
-run: $(STAMP)
-	$(VENV)/bin/hack-cluster $(ARGS)
+run:
+	./hack run $(ARGS)
 
-test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+test:
+	./hack test $(PYTEST_ARGS)
+
+install:
+	./hack install
 
 clean:
-	rm -rf $(VENV)
+	rm -rf .venv

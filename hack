@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The two entry points of README:  ./hack run [hack-cluster flags]   and   ./hack test [pytest args]
+# Both create .venv on first use (and again when pyproject.toml or constraints.txt change) and install the
+# project there with pinned dependencies; they need only python3 (3.10+) with venv and pip.
+set -euo pipefail
+cd "$(dirname "$0")"
+venv=.venv
+stamp=$venv/.installed
+python=${PYTHON:-python3}
+
+install() {
+  if [[ -f $stamp && $stamp -nt pyproject.toml && $stamp -nt constraints.txt ]]; then
+    return
+  fi
+  echo "hack: installing into $venv (first run only; a few minutes)" >&2
+  "$python" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --upgrade pip
+  # torch first and pinned: an unpinned torch would pull several GB of CUDA packages
+  "$venv/bin/python" -m pip install --quiet -c constraints.txt torch==2.13.0
+  "$venv/bin/python" -m pip install --quiet -c constraints.txt -e '.[dev]'
+  touch "$stamp"
+}
+
+command=${1:-}
+shift || true
+case $command in
+  run) install; exec "$venv/bin/hack-cluster" "$@" ;;
+  test) install; exec "$venv/bin/python" -m pytest -q "$@" ;;
+  install) install ;;
+  *) echo "usage: ./hack run [hack-cluster flags] | ./hack test [pytest args] | ./hack install" >&2; exit 2 ;;
+esac
