@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -63,6 +64,7 @@ class ClusterConfig:
     decode_args: tuple[str, ...] = ()  # extra flags for every decode instance
     router_args: tuple[str, ...] = ()
     start_timeout_s: float = 120.0
+    host: str = LOOPBACK  # where the router listens (0.0.0.0 to serve other machines); instances stay on loopback
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or self.num_decode < 1:
@@ -112,7 +114,7 @@ class Cluster:
             # The router starts alongside: its health loop finds the instances once they listen.
             router = self._spawn("router", "router.main", cfg.port or free_port(), [
                 "--model", cfg.model, "--served-model-name", cfg.served_model_name, "--kv-mode", cfg.kv_mode,
-                "--policy", cfg.policy, "--host", LOOPBACK,
+                "--policy", cfg.policy, "--host", cfg.host,
                 "--prefill", *[p.address for p in self.by_role("prefill")],
                 "--decode", *[p.address for p in self.by_role("decode")], *cfg.router_args])
             self.url = f"http://{router.address}"
@@ -180,7 +182,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prefill", type=int, default=1, help="prefill instances (default 1)")
     parser.add_argument("--decode", type=int, default=1, help="decode instances (default 1)")
     parser.add_argument("--kv-mode", choices=MODES, default="hack")
-    parser.add_argument("--port", type=int, default=8000, help="the router's HTTP port (default 8000)")
+    parser.add_argument("--host", default=os.environ.get("HACK_HOST", LOOPBACK),
+                        help="the router's listen address (default 127.0.0.1; 0.0.0.0 for all) [HACK_HOST]")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("HACK_PORT", "8000")),
+                        help="the router's HTTP port (default 8000) [HACK_PORT]")
     parser.add_argument("--policy", choices=POLICIES, default="round_robin",
                         help="how the router picks instances (default round_robin)")
     parser.add_argument("--prefill-arg", action="append", default=[], metavar="FLAG",
@@ -198,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = ClusterConfig(model_from_env(args.model), args.prefill, args.decode, args.kv_mode, args.port,
                                args.policy, tuple(args.prefill_arg), tuple(args.decode_arg),
-                               start_timeout_s=args.start_timeout)
+                               start_timeout_s=args.start_timeout, host=args.host)
     except ValueError as error:
         print(f"hack-cluster: error: {error}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import uvicorn
 
+from common.default_model import model_from_env
 from proto import KV_MODE_NAMES
 from router.config import RouterConfig
 from router.policy import POLICIES
@@ -29,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="OpenAI-compatible HTTP router in front of HACK prefill and decode instances.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", default=env("HACK_MODEL"), help="model directory (tokenizer, config) [HACK_MODEL]")
+    parser.add_argument("--model", default=env("HACK_MODEL"),
+                        help="model directory (tokenizer, config); default: the embedded tiny model [HACK_MODEL]")
     parser.add_argument("--served-model-name", default=env("HACK_SERVED_MODEL_NAME", ""),
                         help="name clients send as `model`; default: the --model value [HACK_SERVED_MODEL_NAME]")
     parser.add_argument("--prefill", nargs="+", default=_env_list("HACK_PREFILL"), metavar="ADDR",
@@ -55,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig(
-        model=args.model or "",
+        model=model_from_env(args.model),
         prefill_addresses=tuple(args.prefill),
         decode_addresses=tuple(args.decode),
         served_model_name=args.served_model_name,

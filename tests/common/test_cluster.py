@@ -45,3 +45,12 @@ def test_clients_name_the_model_by_its_directory() -> None:
 def test_free_ports_are_distinct_and_bindable() -> None:
     ports = {free_port() for _ in range(5)}
     assert len(ports) > 1 and all(1024 <= p <= 65535 for p in ports)
+
+
+def test_router_host_flag_and_environment(monkeypatch):
+    from common.cluster import parse_args
+
+    assert parse_args([]).host == "127.0.0.1"
+    monkeypatch.setenv("HACK_HOST", "0.0.0.0")
+    assert parse_args([]).host == "0.0.0.0"
+    assert parse_args(["--host", "::1"]).host == "::1"
