@@ -35,6 +35,7 @@ class DecodeTimers:
     num_steps: int
     max_batch_size: int
     mean_batch_size: float
+    attention_s: float  # part of decode_s inside the KV backend's attend (0 when not measured)
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ class DecodeEngine:
     async def _step(self, batch: list[DecodeRequest]) -> None:
         start = time.monotonic()
         try:
-            tokens = await self.on_model_thread(self.runner.step, batch)
+            result = await self.on_model_thread(self.runner.step, batch)
         except Exception as error:  # a model error fails this batch, not the instance
             log.exception("decode step failed")
             for request in batch:
@@ -159,7 +160,7 @@ class DecodeEngine:
             return
         step_s = time.monotonic() - start
         self.counters.max_batch_size = max(self.counters.max_batch_size, len(batch))
-        for request in self.scheduler.record_step(batch, tokens, step_s):
+        for request in self.scheduler.record_step(batch, result.tokens, step_s, result.attention_s):
             self._emit(request, TokenEvent(request.last_token, request.finish_reason, step_s, len(batch)))
 
 
@@ -173,6 +174,7 @@ def _timers(request: DecodeRequest) -> DecodeTimers:
         num_steps=request.num_steps,
         max_batch_size=request.max_batch_size,
         mean_batch_size=request.sum_batch_size / request.num_steps if request.num_steps else 0.0,
+        attention_s=request.attention_s,
     )
 
 

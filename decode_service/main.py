@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kv-timeout-s", type=float, default=float(env("KV_TIMEOUT_S", "60")),
                         help="an admitted request whose KV has not arrived by then fails and frees its blocks "
                              "(env HACK_KV_TIMEOUT_S; default 60)")
+    parser.add_argument("--profile-attention", action="store_true", default=env("PROFILE_ATTENTION") == "1",
+                        help="on CUDA, time each decode step's attention (synchronizes the device around it; "
+                             "CPU steps are always timed) for DecodeTimers.attention_s (env HACK_PROFILE_ATTENTION=1)")
     return parser.parse_args(argv)
 
 
@@ -53,7 +56,7 @@ def build_servicer(args: argparse.Namespace) -> DecodeServicer:
             else {"memory_bytes": int(args.kv_memory_mb * 2**20)})
     backend = make_kv_backend(kv_config, loaded.config, param.device, param.dtype, max_seqs=args.max_seqs, **size)
     scheduler = Scheduler(backend.layout, backend.pool.num_blocks, args.max_seqs, args.max_batch_size or args.max_seqs)
-    engine = DecodeEngine(DecodeRunner(loaded, backend), scheduler, args.kv_timeout_s)
+    engine = DecodeEngine(DecodeRunner(loaded, backend, args.profile_attention), scheduler, args.kv_timeout_s)
     return DecodeServicer(engine, kv_identity(loaded, backend.layout), kv_config.mode)
 
 

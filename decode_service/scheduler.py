@@ -52,6 +52,7 @@ class DecodeRequest:
     num_steps: int = 0
     max_batch_size: int = 0
     sum_batch_size: int = 0
+    attention_s: float = 0.0  # summed over the steps the request was in
 
     @property
     def num_cached(self) -> int:
@@ -138,9 +139,11 @@ class Scheduler:
             self.running.append(request)
         return list(self.running)
 
-    def record_step(self, batch: list[DecodeRequest], tokens: list[int], step_s: float) -> list[DecodeRequest]:
+    def record_step(self, batch: list[DecodeRequest], tokens: list[int], step_s: float,
+                    attention_s: float = 0.0) -> list[DecodeRequest]:
         """Append each request's new token; returns the requests of the batch still live (not cancelled
-        while the step ran), in batch order. Finished ones leave the running set."""
+        while the step ran), in batch order. Finished ones leave the running set. `attention_s` is the step's
+        time in attention, charged to every request of the batch (like the step's wall time)."""
         now = time.monotonic()
         live = []
         for request, token in zip(batch, tokens, strict=True):
@@ -150,6 +153,7 @@ class Scheduler:
             request.num_steps += 1
             request.max_batch_size = max(request.max_batch_size, len(batch))
             request.sum_batch_size += len(batch)
+            request.attention_s += attention_s
             if request.append(token) is not None:
                 self.finish(request)
             live.append(request)

@@ -99,20 +99,22 @@ class TokenTiming(_message.Message):
     def __init__(self, step_s: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class DecodeTimers(_message.Message):
-    __slots__ = ("kv_wait_s", "queue_s", "decode_s", "num_steps", "max_batch_size", "mean_batch_size")
+    __slots__ = ("kv_wait_s", "queue_s", "decode_s", "num_steps", "max_batch_size", "mean_batch_size", "attention_s")
     KV_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     DECODE_S_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MEAN_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_S_FIELD_NUMBER: _ClassVar[int]
     kv_wait_s: float
     queue_s: float
     decode_s: float
     num_steps: int
     max_batch_size: int
     mean_batch_size: float
-    def __init__(self, kv_wait_s: _Optional[float] = ..., queue_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., num_steps: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., mean_batch_size: _Optional[float] = ...) -> None: ...
+    attention_s: float
+    def __init__(self, kv_wait_s: _Optional[float] = ..., queue_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., num_steps: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., attention_s: _Optional[float] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("header", "block", "trailer")

@@ -32,6 +32,8 @@ class RouterMetrics:
                                              buckets=_TOKEN_BUCKETS, registry=r)
         self.e2e_latency = Histogram("hack_router_e2e_request_latency_seconds", "Request arrival to last token.",
                                      buckets=_LATENCY_BUCKETS, registry=r)
+        self.prefill_queue = Histogram("hack_router_prefill_queue_seconds", "Prefill received to started (from P).",
+                                       buckets=_LATENCY_BUCKETS, registry=r)
         self.prefill_compute = Histogram("hack_router_prefill_compute_seconds", "Prefill forward time (from P).",
                                          buckets=_LATENCY_BUCKETS, registry=r)
         self.kv_transfer = Histogram("hack_router_kv_transfer_seconds", "KV push time from P to D (from P).",
@@ -43,6 +45,11 @@ class RouterMetrics:
                                         buckets=_LATENCY_BUCKETS, registry=r)
         self.decode_queue = Histogram("hack_router_decode_queue_seconds", "KV complete to first decode step.",
                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.decode = Histogram("hack_router_decode_seconds", "First decode step to last token (from D).",
+                                buckets=_LATENCY_BUCKETS, registry=r)
+        self.decode_attention = Histogram("hack_router_decode_attention_seconds",
+                                          "Part of the decode time spent in attention (from D; 0 if not measured).",
+                                          buckets=_LATENCY_BUCKETS, registry=r)
         self.requests = Counter("hack_router_requests", "Finished requests by outcome.", ["status"], registry=r)
         self.prompt_tokens = Counter("hack_router_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
         self.generation_tokens = Counter("hack_router_generation_tokens", "Tokens streamed back.", registry=r)
@@ -55,6 +62,7 @@ class RouterMetrics:
         self.registry.register(_InstancePoolCollector(pool))
 
     def observe_prefill(self, timings: hack_pb2.PrefillTimings) -> None:
+        self.prefill_queue.observe(timings.queue_s)
         self.prefill_compute.observe(timings.prefill_compute_s)
         self.kv_transfer.observe(timings.kv_transfer_s)
         self.kv_bytes.inc(timings.kv_bytes)
@@ -62,6 +70,8 @@ class RouterMetrics:
     def observe_decode(self, timers: hack_pb2.DecodeTimers) -> None:
         self.decode_kv_wait.observe(timers.kv_wait_s)
         self.decode_queue.observe(timers.queue_s)
+        self.decode.observe(timers.decode_s)
+        self.decode_attention.observe(timers.attention_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,5 +8,6 @@ from vLLM can be set side by side. Layout:
 - `runner`: request arrivals (Poisson / gamma), concurrency limit, warm-up, progress bar;
 - `metrics`: pure metric math over request traces (no I/O);
 - `report`: the printed table and the JSON result file; `plots`: PNG figures;
-- `serve`, `compare`: the sub-commands; `cli`: the `hack-bench` entry point.
+- `breakdown`: the JCT breakdown from two scrapes of the router's /metrics; `experiment_report`: its table and plot;
+- `serve`, `compare`, `experiment`: the sub-commands; `cli`: the `hack-bench` entry point.
 """

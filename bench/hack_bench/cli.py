@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from bench.hack_bench import compare, serve
+from bench.hack_bench import compare, experiment, serve
 from bench.hack_bench.records import BenchmarkError
 
 
@@ -25,6 +25,8 @@ class Subcommand:
 SUBCOMMANDS: list[Subcommand] = [
     Subcommand("serve", "benchmark a running OpenAI-compatible server", serve.add_arguments, serve.run),
     Subcommand("compare", "compare saved result files in one table and plot", compare.add_arguments, compare.run),
+    Subcommand("experiment", "JCT of fp16 / dequant / hack KV at several link speeds on local clusters",
+               experiment.add_arguments, experiment.run),
 ]
 
 

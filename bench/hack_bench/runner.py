@@ -72,6 +72,10 @@ def make_http_client(load: LoadConfig) -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=httpx.Timeout(load.request_timeout_s), limits=limits)
 
 
+def concurrency_limit(load: LoadConfig) -> asyncio.Semaphore | contextlib.nullcontext:
+    return asyncio.Semaphore(load.max_concurrency) if load.max_concurrency else contextlib.nullcontext()
+
+
 async def run_benchmark(
     client: httpx.AsyncClient, endpoint: EndpointConfig, samples: Sequence[SampleRequest], load: LoadConfig
 ) -> BenchmarkRun:
@@ -79,8 +83,20 @@ async def run_benchmark(
     if not samples:
         raise BenchmarkError("no request to send")
     await probe(client, endpoint, samples[0])
-    limit = asyncio.Semaphore(load.max_concurrency) if load.max_concurrency else contextlib.nullcontext()
+    limit = concurrency_limit(load)
     await warm_up(client, endpoint, samples, load, limit)
+    return await send_all(client, endpoint, samples, load, limit)
+
+
+async def send_all(
+    client: httpx.AsyncClient,
+    endpoint: EndpointConfig,
+    samples: Sequence[SampleRequest],
+    load: LoadConfig,
+    limit: asyncio.Semaphore | contextlib.nullcontext | None = None,
+) -> BenchmarkRun:
+    """The timed part of a run, without probe or warm-up: every sample on schedule, under the concurrency cap."""
+    limit = limit if limit is not None else concurrency_limit(load)
     offsets = arrival_offsets(len(samples), load.request_rate, load.burstiness, np.random.default_rng(load.seed))
     with tqdm(total=len(samples), disable=load.disable_tqdm, desc="requests", unit="req") as progress:
         origin = time.perf_counter()
