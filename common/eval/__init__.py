@@ -1,2 +1,2 @@
-"""Accuracy tools: perplexity under each KV mode (teacher forcing through the decode path) and
-greedy agreement with fp16."""
+"""Accuracy tools: perplexity under each KV mode (teacher forcing through the decode path), greedy agreement
+with fp16, and attention-output error at a real model's head shape."""

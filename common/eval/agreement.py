@@ -1,44 +1,79 @@
 """Greedy agreement of a KV mode with fp16: where does its greedy output first diverge?
 
-    python -m common.eval.agreement --model DIR --text FILE --kv-mode hack [--prompts 32 --max-tokens 64]
+    python -m common.eval.agreement --model DIR --text FILE --kv-mode hack \
+        [--prompts 32 --max-tokens 64 --prompt-tokens N [--spread-lengths]]
 
-Prompts are the first sentence of each paragraph of the text file. For each prompt both
-configurations generate --max-tokens greedy tokens (EOS ignored); the first position where
-the token ids differ is the divergence (= max-tokens when identical). The last stdout line is
-JSON with the mean divergence position and the fraction of identical outputs.
+Prompts come from the paragraphs of the text file: by default the first sentence of each
+paragraph; with --prompt-tokens N, the first N tokens of the text from each paragraph's start
+on (running into the next paragraphs), so that the prompt's KV alone fills compressed
+partitions. --spread-lengths then cuts prompt i by (29 i mod Π) tokens: how full the 16-bit
+open partition is when generation starts decides when the first flush to codes happens, and
+equal prompt lengths would make that moment the same for every prompt.
+
+For each prompt both configurations generate --max-tokens greedy tokens (EOS ignored); the
+first position where the token ids differ is the divergence (= max-tokens when identical).
+The last stdout line is JSON with the mean divergence position and the fraction of identical
+outputs. Bad input exits with status 2 and a one-line error.
 """
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import sys
 
 from common.default_model import model_from_env
 from common.engine import Engine
+from common.eval.backend import backend_for_sequences
 from common.eval.options import add_kv_arguments, kv_config_from_args
 from common.kv.config import KVConfig
-from common.kv.factory import make_kv_backend
 from common.loader import LoadedModel, load_model
 from common.sampling import SamplingParams
+
+_TEXT_LIMIT = 1 << 22  # characters read from the text file
+
+
+def read_paragraphs(path: str, count: int | None = None) -> list[str]:
+    """The first `count` (default: all) non-empty paragraphs, blank-line separated, of the file."""
+    with open(path, encoding="utf-8") as handle:
+        paragraphs = [p.strip() for p in handle.read(_TEXT_LIMIT).split("\n\n")]
+    return [p for p in paragraphs if p][:count]
 
 
 def paragraph_prompts(path: str, count: int) -> list[str]:
     """First sentence of each of the first `count` non-empty paragraphs."""
-    prompts = []
-    with open(path, encoding="utf-8") as handle:
-        for paragraph in handle.read(1 << 22).split("\n\n"):
-            sentence = paragraph.strip().split(". ")[0].strip()
-            if sentence:
-                prompts.append(sentence)
-            if len(prompts) == count:
-                break
+    return [p.split(". ")[0].strip() for p in read_paragraphs(path, count)]
+
+
+def long_prompts(loaded: LoadedModel, path: str, count: int, prompt_tokens: int) -> list[list[int]]:
+    """Up to `count` prompts of exactly prompt_tokens ids, each the text from a paragraph's start on, encoded
+    like a short prompt (tokenizer.encode, so with BOS when the model uses one)."""
+    paragraphs = read_paragraphs(path)
+    text = "\n\n".join(paragraphs)
+    offsets = loaded.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
+                               verbose=False)["offset_mapping"]
+    token_ends = [end for _, end in offsets]
+    prompts, start = [], 0
+    for paragraph in paragraphs:
+        # 8 spare tokens: encode may add BOS and merge differently at the cut
+        end = bisect.bisect_right(token_ends, start) + prompt_tokens + 8
+        if len(prompts) == count or end > len(token_ends):
+            break
+        ids = list(loaded.tokenizer.encode(text[start:token_ends[end - 1]]))[:prompt_tokens]
+        if len(ids) == prompt_tokens:
+            prompts.append(ids)
+        start += len(paragraph) + 2
     return prompts
 
 
-def greedy_outputs(loaded: LoadedModel, kv_config: KVConfig, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    device = next(loaded.model.parameters()).device
-    backend = make_kv_backend(kv_config, loaded.config, device=device, dtype=loaded.model.lm_head.weight.dtype,
-                              max_seqs=len(prompts), max_tokens=sum(len(p) + max_tokens for p in prompts))
+def spread_lengths(prompts: list[list[int]], partition: int) -> list[list[int]]:
+    """Cut prompt i by (29 i mod Π) tokens; 29 is odd, so Π consecutive prompts get Π distinct cuts."""
+    return [prompt[:len(prompt) - (29 * i) % partition] for i, prompt in enumerate(prompts)]
+
+
+def greedy_outputs(loaded: LoadedModel, kv_config: KVConfig, prompts: list[list[int]],
+                   max_tokens: int) -> list[list[int]]:
+    backend = backend_for_sequences(loaded, kv_config, [len(p) + max_tokens for p in prompts])
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     return [c.token_ids for c in Engine(loaded, backend).generate(prompts, [params] * len(prompts))]
 
@@ -47,13 +82,16 @@ def first_divergence(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def agreement(loaded: LoadedModel, kv_config: KVConfig, prompts: list[str], max_tokens: int) -> dict:
-    encoded = [list(loaded.tokenizer.encode(p)) for p in prompts]
-    reference = greedy_outputs(loaded, KVConfig(mode="fp16"), encoded, max_tokens)
-    candidate = greedy_outputs(loaded, kv_config, encoded, max_tokens)
+def agreement(loaded: LoadedModel, kv_config: KVConfig, prompts: list[list[int]], max_tokens: int,
+              reference: list[list[int]] | None = None) -> dict:
+    """Compare kv_config's greedy outputs with `reference` (computed with fp16 KV when not given)."""
+    if reference is None:
+        reference = greedy_outputs(loaded, KVConfig(mode="fp16"), prompts, max_tokens)
+    candidate = greedy_outputs(loaded, kv_config, prompts, max_tokens)
     positions = [first_divergence(r, c) for r, c in zip(reference, candidate)]
     return {
         "prompts": len(prompts),
+        "prompt_tokens": sum(len(p) for p in prompts) / len(prompts),
         "max_tokens": max_tokens,
         "mean_first_divergence": sum(positions) / len(positions),
         "identical_fraction": sum(p == max_tokens for p in positions) / len(positions),
@@ -62,22 +100,40 @@ def agreement(loaded: LoadedModel, kv_config: KVConfig, prompts: list[str], max_
     }
 
 
+def load_prompts(loaded: LoadedModel, path: str, count: int, prompt_tokens: int | None) -> list[list[int]]:
+    if prompt_tokens is None:
+        prompts = [list(loaded.tokenizer.encode(p)) for p in paragraph_prompts(path, count)]
+    else:
+        prompts = long_prompts(loaded, path, count, prompt_tokens)
+    if not prompts:
+        raise ValueError(f"no prompts found in {path}")
+    return prompts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m common.eval.agreement", description=__doc__.splitlines()[0])
     parser.add_argument("--model")
     parser.add_argument("--text", required=True)
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, help="prompt length in tokens (default: first sentence)")
+    parser.add_argument("--spread-lengths", action="store_true", help="cut prompt i by 29 i mod Π tokens")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device")
     add_kv_arguments(parser)
     args = parser.parse_args(argv)
     try:
         kv_config = kv_config_from_args(args)
+        for name in ("prompts", "max_tokens", "prompt_tokens"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        read_paragraphs(args.text, 1)  # a bad path fails before the model loads
         loaded = load_model(model_from_env(args.model), dtype=args.dtype, device=args.device)
-        prompts = paragraph_prompts(args.text, args.prompts)
-        if not prompts:
-            raise ValueError(f"no prompts found in {args.text}")
+        prompts = load_prompts(loaded, args.text, args.prompts, args.prompt_tokens)
+        if args.spread_lengths:
+            if args.prompt_tokens is None or args.prompt_tokens <= kv_config.partition:
+                raise ValueError("--spread-lengths needs --prompt-tokens longer than the partition")
+            prompts = spread_lengths(prompts, kv_config.partition)
         result = agreement(loaded, kv_config, prompts, args.max_tokens)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -6,7 +6,12 @@
 Teacher forcing through the decode path: the text is cut into windows of --context tokens
 (each starting with BOS); every token is fed as a decode step, so it attends to the cache
 exactly as it would in serving (compressed history, 16-bit open block, sinks). Windows run
-as one batch. The last stdout line is JSON with perplexity, tokens, kv_bytes, fp16_kv_bytes.
+as one batch. The last stdout line is JSON with perplexity, tokens, kv_bytes, kv_wire_bytes
+and fp16_kv_bytes (the bytes of one full window's KV over all layers: pool memory, serialized
+for transfer, and uncompressed 16-bit). Bad input (missing or too short text, a context
+outside the model's window) exits with status 2 and a one-line error.
+
+On a CPU shared with other work, OMP_NUM_THREADS=1 is much faster for small models.
 """
 from __future__ import annotations
 
@@ -19,33 +24,35 @@ import time
 import torch
 
 from common.default_model import model_from_env
+from common.eval.backend import backend_for_sequences
 from common.eval.options import add_kv_arguments, kv_config_from_args
 from common.kv.config import KVConfig
-from common.kv.factory import make_kv_backend
 from common.kv.format import KVLayout
 from common.kv.interface import ForwardBatch
 from common.loader import LoadedModel, load_model
 
 
 def text_windows(tokenizer, text: str, context: int, max_tokens: int, bos: int | None) -> list[list[int]]:
-    """Consecutive windows of `context` tokens (BOS first when the model has one) covering
-    at most max_tokens predicted tokens."""
+    """Consecutive windows of at most `context` tokens (BOS first when the model has one) whose
+    predicted tokens (all but each window's first) number min(max_tokens, what the text has)."""
     body = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-    step = context - 1 if bos is not None else context
-    windows = []
-    for start in range(0, len(body) - 1, step):
-        chunk = body[start:start + step]
-        window = ([bos] if bos is not None else []) + chunk
+    prefix = [bos] if bos is not None else []
+    step = context - len(prefix)
+    windows: list[list[int]] = []
+    start, remaining = 0, max_tokens
+    while remaining > 0 and start < len(body):
+        take = min(step, remaining + 1 - len(prefix))  # a window of w tokens predicts w - 1
+        window = prefix + body[start:start + take]
         if len(window) < 2:
             break
         windows.append(window)
-        if sum(len(w) - 1 for w in windows) >= max_tokens:
-            break
+        remaining -= len(window) - 1
+        start += take
     return windows
 
 
 def read_text_prefix(path: str, max_tokens: int) -> str:
-    """Enough of the file for max_tokens (generously assuming >= 1 character per token)."""
+    """Enough of the file for max_tokens: 64 characters per token, far more than any tokenizer needs."""
     with open(path, encoding="utf-8") as handle:
         return handle.read(max(64 * max_tokens, 4096))
 
@@ -53,28 +60,30 @@ def read_text_prefix(path: str, max_tokens: int) -> str:
 def window_nll(loaded: LoadedModel, kv_config: KVConfig, windows: list[list[int]]) -> tuple[float, int]:
     """Sum of negative log-likelihoods of every token after the first, and their count."""
     device = next(loaded.model.parameters()).device
-    backend = make_kv_backend(kv_config, loaded.config, device=device, dtype=loaded.model.lm_head.weight.dtype,
-                              max_seqs=len(windows), max_tokens=sum(len(w) for w in windows))
+    backend = backend_for_sequences(loaded, kv_config, [len(w) for w in windows])
     nll, count = 0.0, 0
-    longest = max(len(w) for w in windows)
-    for position in range(longest - 1):
+    for position in range(max(len(w) for w in windows) - 1):
         live = [i for i, w in enumerate(windows) if position + 1 < len(w)]
         batch = ForwardBatch.build(live, [position] * len(live), [1] * len(live), device)
         backend.reserve(batch)
         tokens = torch.tensor([windows[i][position] for i in live], device=device)
-        logits = loaded.model(tokens, batch, backend)
+        with torch.no_grad():
+            logits = loaded.model(tokens, batch, backend)
         targets = torch.tensor([windows[i][position + 1] for i in live], device=device)
-        nll += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        nll += float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
         count += len(live)
-        for i, w in enumerate(windows):
-            if position + 2 == len(w):
+        for i in live:
+            if position + 2 == len(windows[i]):
                 backend.free(i)
     return nll, count
 
 
 def evaluate(loaded: LoadedModel, kv_config: KVConfig, text: str, context: int, max_tokens: int) -> dict:
-    bos = loaded.config.bos_token_id
-    windows = text_windows(loaded.tokenizer, text, context, max_tokens, bos)
+    if not 2 <= context <= loaded.config.context_window:
+        raise ValueError(f"--context must be in [2, {loaded.config.context_window}], got {context}")
+    if max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1, got {max_tokens}")
+    windows = text_windows(loaded.tokenizer, text, context, max_tokens, loaded.config.bos_token_id)
     if not windows:
         raise ValueError("the text is too short: it gives no window of at least 2 tokens")
     start = time.perf_counter()
@@ -106,11 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         kv_config = kv_config_from_args(args)
+        text = read_text_prefix(args.text, args.max_tokens)  # a bad path fails before the model loads
         loaded = load_model(model_from_env(args.model), dtype=args.dtype, device=args.device)
-        if not 2 <= args.context <= loaded.config.context_window:
-            raise ValueError(f"--context must be in [2, {loaded.config.context_window}], got {args.context}")
-        result = evaluate(loaded, kv_config, read_text_prefix(args.text, args.max_tokens), args.context,
-                          args.max_tokens)
+        result = evaluate(loaded, kv_config, text, args.context, args.max_tokens)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
