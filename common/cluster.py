@@ -126,7 +126,8 @@ class Cluster:
     def _spawn(self, name: str, module: str, port: int, args: list[str]) -> Process:
         command = [sys.executable, "-m", module, "--port", str(port), *args]
         log.debug("starting %s: %s", name, " ".join(command))
-        process = Process(name, f"{LOOPBACK}:{port}", subprocess.Popen(command))
+        env = child_environment(self.config.num_prefill + self.config.num_decode)
+        process = Process(name, f"{LOOPBACK}:{port}", subprocess.Popen(command, env=env))
         self.processes.append(process)
         return process
 
@@ -162,6 +163,16 @@ class Cluster:
                 process.popen.kill()
                 process.popen.wait()
         self.processes.clear()
+
+
+def child_environment(num_model_processes: int) -> dict[str, str]:
+    """The children's environment. Unless the user chose OMP_NUM_THREADS, the CPU cores are split between the
+    model processes: on CPU, several processes each running torch with every core thrash (a decode step was
+    measured 5-26x slower on 2 cores), while on GPU the CPU threads matter little."""
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // num_model_processes))
+    return env
 
 
 def free_port() -> int:

@@ -54,3 +54,16 @@ def test_router_host_flag_and_environment(monkeypatch):
     monkeypatch.setenv("HACK_HOST", "0.0.0.0")
     assert parse_args([]).host == "0.0.0.0"
     assert parse_args(["--host", "::1"]).host == "::1"
+
+
+def test_children_share_the_cores_unless_the_user_chose(monkeypatch):
+    import os
+
+    from common.cluster import child_environment
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert child_environment(2)["OMP_NUM_THREADS"] == "4"
+    assert child_environment(16)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert child_environment(2)["OMP_NUM_THREADS"] == "3"
