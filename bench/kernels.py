@@ -4,7 +4,8 @@
     .venv/bin/python -m bench.kernels --device cpu --quick [--write docs/benchmarks.md]   # no GPU
 
 Every method runs through `ops.dispatch`, i.e. exactly what the KV backends run: the Triton kernels on CUDA,
-the torch reference on CPU. Shapes are Llama-3-8B's (32 query heads, 8 KV heads, head_dim 128), one layer.
+the vectorized torch ops of torch_fast.py on CPU (HACK_KV_OPS=reference: the torch reference; the table says
+which ran). Shapes are Llama-3-8B's (32 query heads, 8 KV heads, head_dim 128), one layer.
   * Decode: one new token per sequence over `context` cached tokens on shuffled pages, for every batch ×
     context: time, bytes each method must read, the bandwidth that implies, and speedups. Decode is memory
     bound, so the device's copy bandwidth, measured first, is the ceiling to compare with.
@@ -247,10 +248,19 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+IMPLEMENTATIONS = {  # module of the dispatched op -> how the report names it
+    "common.kv.ops": "the Triton kernels",
+    "common.kv.torch_fast": "the vectorized torch ops (torch_fast.py)",
+    "common.kv.reference": "the torch reference",
+}
+
+
 def implementation(device: torch.device) -> str:
-    if device.type == "cuda":
-        return "the Triton kernels"
-    return "the Triton kernels in Triton's interpreter" if ops.triton_interpreted() else "the torch reference"
+    """What ops.dispatch runs hack attention with on this device (HACK_KV_OPS and TRITON_INTERPRET apply)."""
+    module = ops.dispatch("hack_attention", device).__module__
+    if module == "common.kv.ops" and device.type != "cuda":
+        return "the Triton kernels in Triton's interpreter"
+    return IMPLEMENTATIONS[module]
 
 
 def report_header(setup: Setup, bandwidth: float, quick: bool) -> list[str]:
@@ -262,9 +272,8 @@ def report_header(setup: Setup, bandwidth: float, quick: bool) -> list[str]:
              f"{cfg.block_size} tokens. Median of {setup.reps}. Command: `python -m bench.kernels"
              f"{' --device cpu --quick' if quick else ''}`."]
     if device.type != "cuda":
-        lines.append("No GPU: these rows time the torch reference (integer products emulated in float64), which "
-                     "checks the kernels, not the kernels themselves; the GPU table comes from running the command "
-                     "on a CUDA machine.")
+        lines.append(f"No GPU: these rows time {implementation(device)}, not the Triton kernels; the GPU table "
+                     "comes from running the command on a CUDA machine.")
     return lines
 
 

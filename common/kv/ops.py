@@ -7,12 +7,15 @@ op keeps the signature of its torch reference in reference.py. Routing:
       hack_attention       triton_decode_attention when every sequence brings one query (decode), else
                            triton_prefill_attention (prefill, chunked prefill, mixed batches)
       dequant_attention    triton_dequant_decode for decode; multi-token forwards use the reference
-  * CPU tensors run the torch reference, unless TRITON_INTERPRET=1 is set when the op is dispatched: then the
-    same Triton kernels run in Triton's interpreter (how the tests check them without a GPU).
+  * CPU tensors run the vectorized torch versions of torch_fast.py (store_fp16_kv, fp16_attention,
+    hack_attention, dequant_attention), unless TRITON_INTERPRET=1 is set when the op is dispatched: then the
+    same Triton kernels run in Triton's interpreter (how the tests check them without a GPU). CUDA tensors run
+    torch_fast.py's fp16-mode ops (the uncompressed baseline has no kernel).
   * What the kernels do not implement (stochastic rounding in the append, head_dim not a power of two >= 8)
     falls back to the reference with a one-time warning, so a configuration never fails for lack of a kernel.
-The fp16-mode ops, causal_attention and dequantize_sequence always run the reference. `register` overrides a
-route for a device type, keeping the reference signature.
+Everything else (store_compressed_kv on CPU, causal_attention, dequantize_sequence) runs the reference, the
+ground truth all others are tested against; HACK_KV_OPS=reference routes every op there (e.g. to check a run
+end to end). `register` overrides any route for a device type, keeping the reference signature.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from common.kv import reference
+from common.kv import reference, torch_fast
 from common.kv.config import KVConfig
 
 OPS: tuple[str, ...] = (
@@ -35,6 +38,7 @@ OPS: tuple[str, ...] = (
     "dequantize_sequence",
 )
 
+IMPLEMENTATIONS: tuple[str, ...] = ("auto", "reference")  # values of HACK_KV_OPS
 log = logging.getLogger(__name__)
 _registered: dict[tuple[str, str], Callable] = {}
 _warned: set[tuple[str, str]] = set()
@@ -50,9 +54,19 @@ def dispatch(name: str, device: torch.device) -> Callable:
     _check_name(name)
     if (device.type, name) in _registered:
         return _registered[(device.type, name)]
+    if reference_forced():
+        return getattr(reference, name)
     if name in TRITON_OPS and (device.type == "cuda" or (device.type == "cpu" and triton_interpreted())):
         return TRITON_OPS[name]
-    return getattr(reference, name)
+    return TORCH_OPS.get((device.type, name), getattr(reference, name))
+
+
+def reference_forced() -> bool:
+    """Whether HACK_KV_OPS=reference sends every op to the torch reference (default "auto": fastest route)."""
+    value = os.environ.get("HACK_KV_OPS", "auto")
+    if value not in IMPLEMENTATIONS:
+        raise ValueError(f"HACK_KV_OPS must be one of {IMPLEMENTATIONS}, got {value!r}")
+    return value == "reference"
 
 
 def triton_interpreted() -> bool:
@@ -116,6 +130,17 @@ TRITON_OPS: dict[str, Callable] = {
     "store_compressed_kv": triton_store_compressed_kv,
     "hack_attention": triton_hack_attention,
     "dequant_attention": triton_dequant_attention,
+}
+
+
+# (device type, op) -> vectorized torch version, for what has no Triton kernel on that device
+TORCH_OPS: dict[tuple[str, str], Callable] = {
+    ("cpu", "store_fp16_kv"): torch_fast.store_fp16_kv,
+    ("cpu", "fp16_attention"): torch_fast.fp16_attention,
+    ("cpu", "hack_attention"): torch_fast.hack_attention,
+    ("cpu", "dequant_attention"): torch_fast.dequant_attention,
+    ("cuda", "store_fp16_kv"): torch_fast.store_fp16_kv,
+    ("cuda", "fp16_attention"): torch_fast.fp16_attention,
 }
 
 

@@ -60,17 +60,22 @@ def homomorphic_matmul(
     partition: int,
     a_sums: torch.Tensor | None = None,
     b_sums: torch.Tensor | None = None,
+    product_dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """A·B from codes: A codes [..., M, Z] with scale/min [..., M, Z/Π]; B codes [..., Z, N] with scale/min
-    [..., Z/Π, N]. Sums (same shapes as the scales) are recomputed from the codes when not given. Returns fp32."""
+    [..., Z/Π, N]. Sums (same shapes as the scales) are recomputed from the codes when not given. Returns fp32.
+
+    The integer products run in product_dtype: float64 here; float32 (torch_fast.py) is exact as well, since
+    |Σ a'·b'| <= 128 * 255 * Π < 2^24, and moves half the bytes. The corrections are float64 either way."""
     z = a.codes.shape[-1]
     if z % partition or b.codes.shape[-2] != z:
         raise ValueError(f"reduction dims {z} and {b.codes.shape[-2]} must match and be multiples of {partition}")
-    a_codes = a.codes.double().unflatten(-1, (-1, partition)).transpose(-3, -2)  # [..., P, M, Π]
-    b_codes = b.codes.double().unflatten(-2, (-1, partition))  # [..., P, Π, N]
-    integer = a_codes @ b_codes  # [..., P, M, N]: the int8 x codes dot with int32 accumulation
-    a_sums = a_codes.sum(-1, keepdim=True) if a_sums is None else a_sums.double().transpose(-1, -2).unsqueeze(-1)
-    b_sums = b_codes.sum(-2, keepdim=True) if b_sums is None else b_sums.double().unsqueeze(-2)
+    a_codes = a.codes.to(product_dtype).unflatten(-1, (-1, partition)).transpose(-3, -2)  # [..., P, M, Π]
+    b_codes = b.codes.to(product_dtype).unflatten(-2, (-1, partition))  # [..., P, Π, N]
+    integer = (a_codes @ b_codes).double()  # [..., P, M, N]: the int8 x codes dot with int32 accumulation
+    a_sums = a_codes.sum(-1, keepdim=True) if a_sums is None else a_sums.transpose(-1, -2).unsqueeze(-1)
+    b_sums = b_codes.sum(-2, keepdim=True) if b_sums is None else b_sums.unsqueeze(-2)
+    a_sums, b_sums = a_sums.double(), b_sums.double()
     sa, ma = (t.double().transpose(-1, -2).unsqueeze(-1) for t in (a.scale, a.minimum))  # [..., P, M, 1]
     sb, mb = (t.double().unsqueeze(-2) for t in (b.scale, b.minimum))  # [..., P, 1, N]
     out = sa * sb * integer + sa * mb * a_sums + ma * sb * b_sums + partition * ma * mb
@@ -228,10 +233,10 @@ def _hack_sequence(q: torch.Tensor, seq_len: int, block_table: torch.Tensor, slo
     n_sinks, n_paged, n_tail = stored_split(seq_len, config)
     sink_k, sink_v, tail_k, tail_v = _float_state(cache, slot, n_sinks, n_tail)
     paged = _gather_paged(cache, block_table, n_paged, config)
-    scores = torch.cat([qh @ sink_k.mT, _hack_scores(qh, paged, config), qh @ tail_k.mT], dim=-1)
+    scores = torch.cat([qh @ sink_k.mT, hack_scores(qh, paged, config), qh @ tail_k.mT], dim=-1)
     probs = _causal_softmax(scores * softmax_scale, seq_len, nq)
     p_sinks, p_paged, p_tail = probs.split([n_sinks, n_paged, n_tail], dim=-1)
-    out = p_sinks @ sink_v + _hack_pv(p_paged, paged, config) + p_tail @ tail_v
+    out = p_sinks @ sink_v + hack_pv(p_paged, paged, config) + p_tail @ tail_v
     return _ungroup_queries(out, nq)
 
 
@@ -246,8 +251,10 @@ def _gather_paged(cache: Cache, block_table: torch.Tensor, n_paged: int, config:
     return paged
 
 
-def _hack_scores(qh: torch.Tensor, paged: dict[str, torch.Tensor], config: KVConfig) -> torch.Tensor:
-    """q·k over the paged tokens from K's codes: [Hkv, M, n_paged]."""
+def hack_scores(qh: torch.Tensor, paged: dict[str, torch.Tensor], config: KVConfig,
+                product_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """q·k over the paged tokens from K's codes: [Hkv, M, n_paged]. Any leading dim works in place of Hkv
+    (torch_fast.py passes batch x Hkv); product_dtype as in homomorphic_matmul."""
     codes = paged["k_codes"]
     pd = config.head_partition(codes.shape[-1])
     n = codes.shape[1]
@@ -257,7 +264,8 @@ def _hack_scores(qh: torch.Tensor, paged: dict[str, torch.Tensor], config: KVCon
     if config.key_axis == "token":
         a = quantize_int8_partitions(qh, pd)
         b = Quantized(codes.mT, paged["k_scale"].mT, paged["k_min"].mT)
-        return homomorphic_matmul(a, b, pd, b_sums=None if k_sums is None else k_sums.mT)
+        b_sums = None if k_sums is None else k_sums.mT
+        return homomorphic_matmul(a, b, pd, b_sums=b_sums, product_dtype=product_dtype)
     # channel axis: per token group g, fold sK[g] into q, then codes-only product plus q·mK[g]
     pi = config.partition
     groups = paged["k_scale"].shape[1]
@@ -267,13 +275,15 @@ def _hack_scores(qh: torch.Tensor, paged: dict[str, torch.Tensor], config: KVCon
     unit = torch.ones(grouped_codes.shape[:2] + (codes.shape[-1] // pd, pi), device=qh.device)
     b = Quantized(grouped_codes.mT, unit, torch.zeros_like(unit))
     b_sums = None if k_sums is None else _pad_tokens(k_sums, groups * pi).unflatten(1, (groups, pi)).mT
-    scaled = homomorphic_matmul(a, b, pd, b_sums=b_sums)  # [Hkv, G, M, Π]
+    scaled = homomorphic_matmul(a, b, pd, b_sums=b_sums, product_dtype=product_dtype)  # [Hkv, G, M, Π]
     offsets = (qh @ paged["k_min"].float().mT).mT.unsqueeze(-1)  # [Hkv, G, M, 1]
     return (scaled + offsets).permute(0, 2, 1, 3).flatten(2)[:, :, :n]
 
 
-def _hack_pv(p: torch.Tensor, paged: dict[str, torch.Tensor], config: KVConfig) -> torch.Tensor:
-    """P·V over the paged tokens from V's codes: P [Hkv, M, n_paged] -> [Hkv, M, D]."""
+def hack_pv(p: torch.Tensor, paged: dict[str, torch.Tensor], config: KVConfig,
+            product_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """P·V over the paged tokens from V's codes: P [Hkv, M, n_paged] -> [Hkv, M, D] (leading dim and
+    product_dtype as in hack_scores)."""
     codes = paged["v_codes"]
     hkv, m, n = p.shape
     if n == 0:
@@ -287,7 +297,7 @@ def _hack_pv(p: torch.Tensor, paged: dict[str, torch.Tensor], config: KVConfig) 
                   paged["v_scale"].unsqueeze(2), paged["v_min"].unsqueeze(2))
     v_sums = paged.get("v_sums")
     b_sums = None if v_sums is None else v_sums.unsqueeze(2)
-    return homomorphic_matmul(a, b, pi, b_sums=b_sums).sum(1)
+    return homomorphic_matmul(a, b, pi, b_sums=b_sums, product_dtype=product_dtype).sum(1)
 
 
 def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -308,7 +318,12 @@ def dequantize_sequence(cache: Cache, block_table: torch.Tensor, slot: int, seq_
     """The stored K and V of a compressed sequence as fp32 [Hkv, seq_len, D]: sinks + dequantized pages + tail."""
     n_sinks, n_paged, n_tail = stored_split(seq_len, config)
     sink_k, sink_v, tail_k, tail_v = _float_state(cache, slot, n_sinks, n_tail)
-    paged = _gather_paged(cache, block_table, n_paged, config)
+    k, v = dequantize_paged(_gather_paged(cache, block_table, n_paged, config), config)
+    return torch.cat([sink_k, k, tail_k], dim=1), torch.cat([sink_v, v, tail_v], dim=1)
+
+
+def dequantize_paged(paged: dict[str, torch.Tensor], config: KVConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 K and V [H, n, D] of gathered page rows (unpacked codes; any leading dim H)."""
     pd = config.head_partition(paged["k_codes"].shape[-1])
     if config.key_axis == "token":
         k = dequantize(Quantized(paged["k_codes"].unflatten(-1, (-1, pd)), paged["k_scale"], paged["k_min"]))
@@ -316,14 +331,15 @@ def dequantize_sequence(cache: Cache, block_table: torch.Tensor, slot: int, seq_
     else:
         k = _dequantize_token_groups(paged["k_codes"], paged["k_scale"], paged["k_min"], config.partition)
     v = _dequantize_token_groups(paged["v_codes"], paged["v_scale"], paged["v_min"], config.partition)
-    return torch.cat([sink_k, k, tail_k], dim=1), torch.cat([sink_v, v, tail_v], dim=1)
+    return k, v
 
 
 def _dequantize_token_groups(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
                              partition: int) -> torch.Tensor:
-    scale = scale.float().repeat_interleave(partition, dim=1)[:, : codes.shape[1]]
-    minimum = minimum.float().repeat_interleave(partition, dim=1)[:, : codes.shape[1]]
-    return codes.float() * scale + minimum
+    """s*q + m per channel over groups of Π tokens: codes [H, n, D], scale/min [H, ceil(n/Π), D] -> fp32."""
+    grouped = _pad_tokens(codes, scale.shape[1] * partition).unflatten(1, (-1, partition))  # [H, G, Π, D]
+    values = torch.mul(grouped, scale.float().unsqueeze(2)).add_(minimum.float().unsqueeze(2))
+    return values.flatten(1, 2)[:, : codes.shape[1]]
 
 
 def dequant_attention(q: torch.Tensor, cu_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
