@@ -24,7 +24,7 @@ import torch
 from bench.report import write_section
 from common.default_model import model_from_env
 from common.eval import agreement, attention_error, attention_profile, perplexity
-from common.eval.options import kv_flags
+from common.kv.options import kv_flags
 from common.kv.config import KVConfig
 from common.kv.format import STORAGE_DTYPE, KVLayout
 from common.loader import LoadedModel, load_model

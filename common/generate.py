@@ -11,7 +11,7 @@ import sys
 
 from common.default_model import model_from_env
 from common.engine import Engine
-from common.eval.options import add_kv_arguments, kv_config_from_args
+from common.kv.options import add_kv_arguments, kv_config_from_args
 from common.kv.factory import make_kv_backend
 from common.loader import DTYPES, load_model
 from common.sampling import SamplingParams

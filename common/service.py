@@ -1,24 +1,26 @@
 """What the prefill and decode services share: flags with HACK_* defaults, the model and KV setup, errors
 as gRPC statuses, the sampling parameters of a request, and a grpc.aio server with the standard health service
-that runs until SIGINT or SIGTERM.
+that runs until SIGINT or SIGTERM, wrapped by run_service into each service's `main`.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common.default_model import model_from_env
-from common.kv.config import MODES, KVConfig
+from common.kv.config import KVConfig
 from common.kv.format import WIRE_VERSION, KVLayout
+from common.kv.options import add_kv_arguments
 from common.loader import DTYPES, LoadedModel, load_model
 from common.sampling import SamplingParams
 from proto import hack_pb2, kv_mode_from_proto, kv_mode_to_proto
@@ -54,26 +56,12 @@ def add_model_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--host", default=env("HOST", "127.0.0.1"), help="address to listen on (env HACK_HOST)")
     parser.add_argument("--port", type=int, default=int(env("PORT", str(default_port))),
                         help=f"gRPC port, 0 = any free port (env HACK_PORT; default {default_port})")
-    parser.add_argument("--kv-mode", choices=MODES, default=env("KV_MODE", "hack"),
-                        help="KV cache mode this instance serves (env HACK_KV_MODE; default hack)")
-    parser.add_argument("--kv-config", default=env("KV_CONFIG", "{}"),
-                        help='other KVConfig fields as JSON, e.g. \'{"partition": 32, "num_sinks": 4}\'; prefill and '
-                             "decode instances must agree (env HACK_KV_CONFIG)")
     parser.add_argument("--device", default=env("DEVICE"), help="cpu or cuda (env HACK_DEVICE; default: cuda if "
                         "available)")
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default=env("DTYPE", "auto"),
                         help="model compute dtype (env HACK_DTYPE)")
     parser.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="env HACK_LOG_LEVEL")
-
-
-def kv_config_from_args(args: argparse.Namespace) -> KVConfig:
-    try:
-        extra = json.loads(args.kv_config)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--kv-config is not valid JSON: {error}") from None
-    if not isinstance(extra, dict) or "mode" in extra:
-        raise ValueError("--kv-config must be a JSON object without 'mode' (use --kv-mode)")
-    return KVConfig.from_dict({**extra, "mode": args.kv_mode})
+    add_kv_arguments(parser)  # prefill and decode instances must agree on these
 
 
 def load_service_model(args: argparse.Namespace) -> LoadedModel:
@@ -203,3 +191,43 @@ async def serve(
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class ServiceEngine(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class Servicer(Protocol):
+    """What run_service needs of a service's servicer: the engine it starts before serving and stops after."""
+
+    engine: ServiceEngine
+
+
+ServicerT = TypeVar("ServicerT", bound=Servicer)
+
+
+def run_service(
+    prog: str,
+    build_servicer: Callable[[argparse.Namespace], ServicerT],
+    add_to_server: Callable[[ServicerT, grpc.aio.Server], None],
+    service_name: str,
+    args: argparse.Namespace,
+) -> int:
+    """A service's whole life from parsed flags to exit status: build, serve until a signal, stop. A bad setting
+    (ValueError) or an unusable port (OSError) prints "<prog>: error: ..." and returns 2, like a usage error."""
+    configure_logging(args.log_level)
+
+    async def run() -> None:
+        servicer = build_servicer(args)
+        await servicer.engine.start()
+        await serve(lambda server: add_to_server(servicer, server), service_name, args.host, args.port,
+                    on_stop=servicer.engine.stop)
+
+    try:
+        asyncio.run(run())
+    except (ValueError, OSError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -3,12 +3,11 @@ continuous batches. Every flag defaults to its HACK_* environment variable."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 from common.kv.factory import make_kv_backend
-from common.service import (add_model_args, configure_logging, env, kv_config_from_args, kv_identity,
-                            load_service_model, serve)
+from common.kv.options import kv_config_from_args
+from common.service import add_model_args, env, kv_identity, load_service_model, run_service
 from decode_service.engine import DecodeEngine
 from decode_service.runner import DecodeRunner
 from decode_service.scheduler import Scheduler
@@ -60,22 +59,8 @@ def build_servicer(args: argparse.Namespace) -> DecodeServicer:
     return DecodeServicer(engine, kv_identity(loaded, backend.layout), kv_config.mode)
 
 
-async def run(args: argparse.Namespace) -> None:
-    servicer = build_servicer(args)
-    await servicer.engine.start()
-    await serve(lambda server: add_to_server(servicer, server), DECODE_SERVICE_NAME, args.host, args.port,
-                on_stop=servicer.engine.stop)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    configure_logging(args.log_level)
-    try:
-        asyncio.run(run(args))
-    except (ValueError, OSError) as error:
-        print(f"hack-decode: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_service("hack-decode", build_servicer, add_to_server, DECODE_SERVICE_NAME, parse_args(argv))
 
 
 if __name__ == "__main__":

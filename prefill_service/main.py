@@ -3,12 +3,11 @@ to the decode instance while the next layer computes. Every flag defaults to its
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 from common.kv.factory import make_kv_backend
-from common.service import (add_model_args, configure_logging, env, kv_config_from_args, kv_identity,
-                            load_service_model, serve)
+from common.kv.options import kv_config_from_args
+from common.service import add_model_args, env, kv_identity, load_service_model, run_service
 from prefill_service.engine import PrefillEngine
 from prefill_service.server import PrefillServicer, add_to_server
 from prefill_service.token_bucket import TokenBucket
@@ -48,22 +47,8 @@ def build_servicer(args: argparse.Namespace) -> PrefillServicer:
     return PrefillServicer(engine, kv_config.mode, loaded.config.context_window, loaded.config.vocab_size)
 
 
-async def run(args: argparse.Namespace) -> None:
-    servicer = build_servicer(args)
-    await servicer.engine.start()
-    await serve(lambda server: add_to_server(servicer, server), PREFILL_SERVICE_NAME, args.host, args.port,
-                on_stop=servicer.engine.stop)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    configure_logging(args.log_level)
-    try:
-        asyncio.run(run(args))
-    except (ValueError, OSError) as error:
-        print(f"hack-prefill: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_service("hack-prefill", build_servicer, add_to_server, PREFILL_SERVICE_NAME, parse_args(argv))
 
 
 if __name__ == "__main__":

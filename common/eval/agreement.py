@@ -25,7 +25,7 @@ import sys
 from common.default_model import model_from_env
 from common.engine import Engine
 from common.eval.backend import backend_for_sequences
-from common.eval.options import add_kv_arguments, kv_config_from_args
+from common.kv.options import add_kv_arguments, kv_config_from_args
 from common.kv.config import KVConfig
 from common.loader import LoadedModel, load_model
 from common.sampling import SamplingParams

@@ -20,7 +20,7 @@ import sys
 import torch
 
 from common.config import ModelConfig
-from common.eval.options import kv_flags
+from common.kv.options import kv_flags
 from common.kv.config import KVConfig
 from common.kv.factory import make_kv_backend
 from common.kv.float_backend import FloatKVBackend

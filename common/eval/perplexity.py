@@ -25,7 +25,7 @@ import torch
 
 from common.default_model import model_from_env
 from common.eval.backend import backend_for_sequences
-from common.eval.options import add_kv_arguments, kv_config_from_args
+from common.kv.options import add_kv_arguments, kv_config_from_args
 from common.kv.config import KVConfig
 from common.kv.format import KVLayout
 from common.kv.interface import ForwardBatch

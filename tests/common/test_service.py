@@ -1,12 +1,12 @@
 """What the two services share: HACK_* flag defaults, KV settings, request checks, start-up errors."""
 from __future__ import annotations
 
-import argparse
-
 import grpc
 import pytest
 
-from common.service import ServiceError, kv_config_from_args, request_kv_mode, sampling_params
+from common.kv.config import KVConfig
+from common.kv.options import kv_config_from_args
+from common.service import ServiceError, request_kv_mode, sampling_params
 from decode_service import main as decode_main
 from prefill_service import main as prefill_main
 from proto import hack_pb2
@@ -28,21 +28,23 @@ def test_default_ports_differ_per_role(monkeypatch) -> None:
     assert decode_main.parse_args([]).port != prefill_main.parse_args([]).port
 
 
-@pytest.mark.parametrize("text, message", [
-    ("{not json", "not valid JSON"),
-    ('["partition", 32]', "must be a JSON object"),
-    ('{"mode": "fp16"}', "use --kv-mode"),
-    ('{"partitions": 32}', "unknown KV config keys"),
-    ('{"partition": 33}', "partition must be one of"),
-])
-def test_bad_kv_settings_are_refused(text: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        kv_config_from_args(argparse.Namespace(kv_config=text, kv_mode="hack"))
+def test_both_services_take_the_same_kv_flags_and_variables(monkeypatch) -> None:
+    monkeypatch.setenv("HACK_KV_BITS", "4")
+    monkeypatch.setenv("HACK_KV_FLOAT_PREFILL", "1")
+    for main in (decode_main, prefill_main):
+        config = kv_config_from_args(main.parse_args(["--partition", "32", "--num-sinks", "0"]))
+        assert config == KVConfig(mode="hack", bits=4, partition=32, num_sinks=0, quantized_prefill=False)
 
 
-def test_kv_settings_combine_the_mode_and_the_json() -> None:
-    config = kv_config_from_args(argparse.Namespace(kv_config='{"partition": 32, "num_sinks": 2}', kv_mode="fp16"))
-    assert (config.mode, config.partition, config.num_sinks) == ("fp16", 32, 2)
+@pytest.mark.parametrize("main", [decode_main, prefill_main])
+def test_a_bad_kv_flag_or_variable_is_a_usage_error(monkeypatch, capsys, main) -> None:
+    with pytest.raises(SystemExit):
+        main.parse_args(["--partition", "33"])
+    assert "argument --partition: invalid choice: 33" in capsys.readouterr().err
+    monkeypatch.setenv("HACK_KV_BITS", "3")
+    with pytest.raises(SystemExit):
+        main.parse_args([])
+    assert "error: environment variable HACK_KV_BITS='3' is invalid: choose from 2, 4, 8" in capsys.readouterr().err
 
 
 def test_sampling_fields_map_to_sampling_params() -> None:
@@ -67,7 +69,7 @@ def test_a_request_may_only_ask_for_the_served_kv_mode() -> None:
 
 
 @pytest.mark.parametrize("main, flags, message", [
-    (decode_main.main, ["--kv-config", '{"partition": 33}'], "partition must be one of"),
+    (decode_main.main, ["--num-sinks", "-1"], "num_sinks must be >= 0"),
     (decode_main.main, ["--kv-memory-mb", "0.001"], "does not hold one page"),
     (decode_main.main, ["--kv-blocks", "-3"], "--kv-blocks must be >= 1"),
     (prefill_main.main, ["--kv-link-gbps", "-1"], "--kv-link-gbps must be >= 0"),

@@ -22,7 +22,7 @@ from proto import hack_pb2, hack_pb2_grpc
 # A tiny random Llama with GQA, and a 32-token partition/page so short prompts span full and partial pages.
 SPEC = RandomModelSpec(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                        head_dim=32, max_position_embeddings=256, seed=7)
-KV_CONFIG = '{"partition": 32}'
+KV_FLAGS = ("--partition", "32")
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Services:
 @contextlib.asynccontextmanager
 async def run_services(model: Path, kv_mode: str = "hack", decode_flags: Sequence[str] = (),
                        prefill_flags: Sequence[str] = ()) -> AsyncIterator[Services]:
-    common = ["--model", str(model), "--kv-mode", kv_mode, "--kv-config", KV_CONFIG, "--port", "0"]
+    common = ["--model", str(model), "--kv-mode", kv_mode, *KV_FLAGS, "--port", "0"]
     decode = decode_main.build_servicer(decode_main.parse_args([*common, *decode_flags]))
     prefill = prefill_main.build_servicer(prefill_main.parse_args([*common, *prefill_flags]))
     async with contextlib.AsyncExitStack() as stack:

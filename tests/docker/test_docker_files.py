@@ -21,8 +21,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKER_DIR = REPO_ROOT / "docker"
-# Where the programs read their HACK_* variables: router flags name them in full, the services through env("X").
-FLAG_SOURCES = ("router/main.py", "common/service.py", "prefill_service/main.py", "decode_service/main.py")
+# Where the programs read their HACK_* variables: router and KV flags name them in full, services through env("X").
+FLAG_SOURCES = ("router/main.py", "common/service.py", "common/kv/options.py", "prefill_service/main.py",
+                "decode_service/main.py")
 # Variables compose itself interprets (mounts, ports, image), not flags of a program.
 COMPOSE_ONLY = {"HACK_MODEL_DIR", "HACK_ROUTER_BIND", "HACK_ROUTER_PORT", "HACK_IMAGE", "HACK_TORCH_VARIANT",
                 "HACK_PREFILL_GPU", "HACK_DECODE_GPU"}
