@@ -14,7 +14,9 @@ and imported on the model thread while the next layer's blocks arrive.
 A refused push fails its request with the same status, so Generate ends with it (DATA_LOSS for a checksum
 mismatch, FAILED_PRECONDITION for another model, layout or format version). Two cases leave the request waiting:
 a push superseded by a newer one for the same request (a retry: the newer header replaces what this one stored),
-and a push whose prefill instance cancelled the stream; the KV-transfer timeout bounds that wait.
+and a push that stops before its trailer. gRPC ends a stream whose sender cancelled (a prefill instance that died
+or gave up) exactly like one that ended, so the two cannot be told apart here; either way the prefill side's
+Prefill call fails, and the router retries elsewhere or cancels the request. The KV-transfer timeout bounds the wait.
 """
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ from common.service import ServiceError, chunks_per_layer
 from decode_service.engine import DecodeEngine
 from decode_service.scheduler import DecodeRequest, RequestState
 from proto import hack_pb2
+
+
+class PushEndedEarly(ServiceError):
+    """The push stream ended before its trailer (its sender stopped or cancelled)."""
 
 
 class PushState(enum.Enum):
@@ -66,8 +72,8 @@ class KVReceiver:
             if self.request is not None:
                 self._check_still_current()
             if self.state is not PushState.COMPLETE:
-                raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"the push ended in state {self.state.value}, "
-                                   "before its trailer")
+                raise PushEndedEarly(grpc.StatusCode.INVALID_ARGUMENT, f"the push ended in state {self.state.value}, "
+                                     "before its trailer")
             return self.result
         except ServiceError as error:
             self._refuse(error)
@@ -186,7 +192,7 @@ class KVReceiver:
                                f"request {self.request.request_id!r} ended before its KV arrived")
 
     def _refuse(self, error: ServiceError) -> None:
-        superseded = error.code == grpc.StatusCode.ABORTED
+        request_waits = error.code == grpc.StatusCode.ABORTED or isinstance(error, PushEndedEarly)
         self.state = PushState.FAILED
-        if self.request is not None and not superseded:
+        if self.request is not None and not request_waits:
             self.engine.fail(self.request, error)

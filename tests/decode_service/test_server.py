@@ -273,6 +273,11 @@ def test_a_new_push_replaces_an_abandoned_one(model_dir) -> None:
 
             first_push = services.decode_stub.PushKV(abandoned_push())
             await abandoned.wait()
+            # Cancel only once the server took the first header (its pages are allocated): a cancel racing ahead
+            # of that header would let the stale header arrive after the retry's, which no real retry does.
+            deadline = time.monotonic() + 5.0
+            while not (await services.decode_stats()).used_kv_blocks and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
             first_push.cancel()  # the prefill instance died mid-push; the router retries elsewhere
             reply = await services.decode_stub.PushKV(iter(messages))
             return reply, await read_tokens(call), await wait_for_free_pool(services)
