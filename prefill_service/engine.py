@@ -162,6 +162,8 @@ class PrefillEngine:
         if self._jobs.pop(job.request_id, None) is None:  # cancelled meanwhile
             return
         self.counters.generated_tokens += 1
+        if job.result.done():  # the Prefill call was cancelled or abandoned while the push finished
+            return
         job.result.set_result(PrefillResult(job.first_token, started - job.received_at, job.compute_s,
                                             sent.transfer_s, sent.kv_bytes))
 

@@ -243,7 +243,10 @@ class Orchestrator:
         sent from background tasks.
         """
         task = run.prefill_task
-        if task is not None and not task.done():
+        if task is not None and not task.done() and run.finished:
+            # D streamed every token, so the KV arrived; the prefill only has its reply (timings) left to send.
+            self._keep_in_background(task)
+        elif task is not None and not task.done():
             task.cancel()
             if run.prefill is not None:
                 self._cancel_remote(run.prefill, run.request.request_id)
@@ -255,9 +258,14 @@ class Orchestrator:
             self._cancel_remote(run.decode, run.request.request_id)
 
     def _cancel_remote(self, instance: Instance, request_id: str) -> None:
-        task = asyncio.create_task(self._send_cancel(instance, request_id), name=f"cancel-{request_id}")
+        self._keep_in_background(asyncio.create_task(self._send_cancel(instance, request_id),
+                                                     name=f"cancel-{request_id}"))
+
+    def _keep_in_background(self, task: asyncio.Task) -> None:
+        """Hold a reference until the task ends, then retrieve its outcome (errors were handled or are moot)."""
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _send_cancel(self, instance: Instance, request_id: str) -> None:
         try:

@@ -65,7 +65,7 @@ def test_concurrent_requests_match_in_process_engine(model_dir, mode: str) -> No
         assert tokens[-1].timers.num_steps == max_tokens - 1
         assert prefill.timings.kv_bytes == layout.wire_bytes(len(prompt), SPEC.num_layers)
     assert stats.used_kv_blocks == 0 and stats.running_seqs == 0 and stats.waiting_seqs == 0
-    assert stats.counters.max_batch_size == 3
+    assert stats.counters.max_batch_size >= 2  # how many overlap depends on timing; >1 shows batching
     assert stats.counters.kv_bytes == sum(r[1].timings.kv_bytes for r in results)
 
 
