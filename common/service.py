@@ -54,7 +54,7 @@ def add_model_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--model", default=env("MODEL"),
                         help="checkpoint directory (env HACK_MODEL; default: the embedded tiny random model)")
     parser.add_argument("--host", default=env("HOST", "127.0.0.1"), help="address to listen on (env HACK_HOST)")
-    parser.add_argument("--port", type=int, default=int(env("PORT", str(default_port))),
+    parser.add_argument("--port", type=int, default=env("PORT", str(default_port)),
                         help=f"gRPC port, 0 = any free port (env HACK_PORT; default {default_port})")
     parser.add_argument("--device", default=env("DEVICE"), help="cpu or cuda (env HACK_DEVICE; default: cuda if "
                         "available)")

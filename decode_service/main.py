@@ -21,26 +21,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hack-decode", description=__doc__.splitlines()[0])
     add_model_args(parser, DEFAULT_PORT)
     capacity = parser.add_mutually_exclusive_group()
-    capacity.add_argument("--kv-memory-mb", type=float, default=float(env("KV_MEMORY_MB", "512")),
+    capacity.add_argument("--kv-memory-mb", type=float, default=env("KV_MEMORY_MB", "512"),
                           help="KV pool size in MiB (env HACK_KV_MEMORY_MB; default 512)")
-    capacity.add_argument("--kv-blocks", type=int, default=_optional_int(env("KV_BLOCKS")),
+    capacity.add_argument("--kv-blocks", type=int, default=env("KV_BLOCKS") or None,
                           help="KV pool size in blocks (pages of block_size tokens, all layers); overrides "
                                "--kv-memory-mb (env HACK_KV_BLOCKS)")
-    parser.add_argument("--max-seqs", type=int, default=int(env("MAX_SEQS", "64")),
+    parser.add_argument("--max-seqs", type=int, default=env("MAX_SEQS", "64"),
                         help="requests held at once (env HACK_MAX_SEQS; default 64)")
-    parser.add_argument("--max-batch-size", type=int, default=_optional_int(env("MAX_BATCH_SIZE")),
+    parser.add_argument("--max-batch-size", type=int, default=env("MAX_BATCH_SIZE") or None,
                         help="sequences per decode step (env HACK_MAX_BATCH_SIZE; default --max-seqs)")
-    parser.add_argument("--kv-timeout-s", type=float, default=float(env("KV_TIMEOUT_S", "60")),
+    parser.add_argument("--kv-timeout-s", type=float, default=env("KV_TIMEOUT_S", "60"),
                         help="an admitted request whose KV has not arrived by then fails and frees its blocks "
                              "(env HACK_KV_TIMEOUT_S; default 60)")
     parser.add_argument("--profile-attention", action="store_true", default=env("PROFILE_ATTENTION") == "1",
                         help="on CUDA, time each decode step's attention (synchronizes the device around it; "
                              "CPU steps are always timed) for DecodeTimers.attention_s (env HACK_PROFILE_ATTENTION=1)")
     return parser.parse_args(argv)
-
-
-def _optional_int(value: str | None) -> int | None:
-    return None if value in (None, "") else int(value)
 
 
 def build_servicer(args: argparse.Namespace) -> DecodeServicer:

@@ -20,12 +20,12 @@ DEFAULT_PORT = 50051
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hack-prefill", description=__doc__.splitlines()[0])
     add_model_args(parser, DEFAULT_PORT)
-    parser.add_argument("--token-budget", type=int, default=int(env("PREFILL_TOKEN_BUDGET", "4096")),
+    parser.add_argument("--token-budget", type=int, default=env("PREFILL_TOKEN_BUDGET", "4096"),
                         help="prompt tokens per prefill batch; a longer prompt runs alone "
                              "(env HACK_PREFILL_TOKEN_BUDGET; default 4096)")
-    parser.add_argument("--max-batch-seqs", type=int, default=int(env("PREFILL_MAX_BATCH_SEQS", "16")),
+    parser.add_argument("--max-batch-seqs", type=int, default=env("PREFILL_MAX_BATCH_SEQS", "16"),
                         help="prompts per prefill batch (env HACK_PREFILL_MAX_BATCH_SEQS; default 16)")
-    parser.add_argument("--kv-link-gbps", type=float, default=float(env("KV_LINK_GBPS", "0")),
+    parser.add_argument("--kv-link-gbps", type=float, default=env("KV_LINK_GBPS", "0"),
                         help="emulate a KV link of this many Gbit/s (token bucket); 0 = no limit "
                              "(env HACK_KV_LINK_GBPS)")
     return parser.parse_args(argv)

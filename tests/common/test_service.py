@@ -78,3 +78,17 @@ def test_a_request_may_only_ask_for_the_served_kv_mode() -> None:
 def test_bad_settings_stop_the_service_with_a_clear_error(random_checkpoint, capsys, main, flags, message) -> None:
     assert main(["--model", str(random_checkpoint(SPEC)), "--port", "0", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("HACK_PORT", "abc", "argument --port: invalid int value: 'abc'"),
+    ("HACK_KV_BLOCKS", "many", "argument --kv-blocks: invalid int value: 'many'"),
+    ("HACK_KV_TIMEOUT_S", "soon", "argument --kv-timeout-s: invalid float value: 'soon'"),
+])
+def test_bad_environment_values_are_usage_errors(monkeypatch, capsys, variable, value, message):
+    from decode_service.main import parse_args
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as exited:
+        parse_args([])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
