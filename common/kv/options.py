@@ -35,8 +35,10 @@ def add_kv_arguments(parser: argparse.ArgumentParser, default_mode: str = "hack"
                 "ablation: recompute code sums at every attention")
     _add_switch(parser, group, "--no-requant-elimination", "HACK_KV_NO_REQUANT_ELIMINATION",
                 "ablation: requantize the open partition at every step")
-    _add_switch(parser, group, "--float-prefill", "HACK_KV_FLOAT_PREFILL",
-                "prefill attends to the float K/V, not the stored codes")
+    default = _env_value(parser, "HACK_KV_QUANTIZED_PREFILL", _switch, KVConfig.quantized_prefill)
+    group.add_argument("--quantized-prefill", action=argparse.BooleanOptionalAction, default=default,
+                       help="prefill attends to the stored codes, as the paper does; --no-quantized-prefill attends "
+                            "to the float K/V (env HACK_KV_QUANTIZED_PREFILL=1/0; default %(default)s)")
 
 
 def kv_config_from_args(args: argparse.Namespace) -> KVConfig:
@@ -44,7 +46,7 @@ def kv_config_from_args(args: argparse.Namespace) -> KVConfig:
     return KVConfig(
         mode=args.kv_mode, bits=args.bits, partition=args.partition, key_axis=args.key_axis,
         rounding=args.rounding, num_sinks=args.num_sinks, sum_elimination=not args.no_sum_elimination,
-        requant_elimination=not args.no_requant_elimination, quantized_prefill=not args.float_prefill,
+        requant_elimination=not args.no_requant_elimination, quantized_prefill=args.quantized_prefill,
     )
 
 
@@ -57,7 +59,7 @@ def kv_flags(config: KVConfig, leave_out: tuple[str, ...] = ()) -> list[str]:
                   if getattr(config, name) != getattr(KVConfig, name)]
         switches = (("--no-sum-elimination", not config.sum_elimination),
                     ("--no-requant-elimination", not config.requant_elimination),
-                    ("--float-prefill", not config.quantized_prefill))
+                    ("--no-quantized-prefill", not config.quantized_prefill))
         pairs += [(flag, None) for flag, on in switches if on]
     return [part for flag, value in pairs if flag not in leave_out for part in (flag, value) if part is not None]
 

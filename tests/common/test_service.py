@@ -30,7 +30,7 @@ def test_default_ports_differ_per_role(monkeypatch) -> None:
 
 def test_both_services_take_the_same_kv_flags_and_variables(monkeypatch) -> None:
     monkeypatch.setenv("HACK_KV_BITS", "4")
-    monkeypatch.setenv("HACK_KV_FLOAT_PREFILL", "1")
+    monkeypatch.setenv("HACK_KV_QUANTIZED_PREFILL", "0")
     for main in (decode_main, prefill_main):
         config = kv_config_from_args(main.parse_args(["--partition", "32", "--num-sinks", "0"]))
         assert config == KVConfig(mode="hack", bits=4, partition=32, num_sinks=0, quantized_prefill=False)

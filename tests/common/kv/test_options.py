@@ -10,7 +10,7 @@ from common.kv.options import add_kv_arguments, kv_config_from_args, kv_flags
 
 KV_VARIABLES = ("HACK_KV_MODE", "HACK_KV_BITS", "HACK_KV_PARTITION", "HACK_KV_KEY_AXIS", "HACK_KV_ROUNDING",
                 "HACK_KV_NUM_SINKS", "HACK_KV_NO_SUM_ELIMINATION", "HACK_KV_NO_REQUANT_ELIMINATION",
-                "HACK_KV_FLOAT_PREFILL")
+                "HACK_KV_QUANTIZED_PREFILL")
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +56,7 @@ def test_every_flag_defaults_to_its_environment_variable(monkeypatch: pytest.Mon
     settings = {"HACK_KV_MODE": "dequant", "HACK_KV_BITS": "4", "HACK_KV_PARTITION": "32",
                 "HACK_KV_KEY_AXIS": "token", "HACK_KV_ROUNDING": "stochastic", "HACK_KV_NUM_SINKS": "17",
                 "HACK_KV_NO_SUM_ELIMINATION": "1", "HACK_KV_NO_REQUANT_ELIMINATION": "TRUE",
-                "HACK_KV_FLOAT_PREFILL": "true"}
+                "HACK_KV_QUANTIZED_PREFILL": "false"}
     for variable, value in settings.items():
         monkeypatch.setenv(variable, value)
     assert parse([], default_mode="fp16") == KVConfig(
@@ -67,7 +67,7 @@ def test_every_flag_defaults_to_its_environment_variable(monkeypatch: pytest.Mon
 def test_a_flag_wins_over_its_variable_and_empty_or_off_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HACK_KV_BITS", "8")
     monkeypatch.setenv("HACK_KV_MODE", "")
-    monkeypatch.setenv("HACK_KV_FLOAT_PREFILL", "0")
+    monkeypatch.setenv("HACK_KV_QUANTIZED_PREFILL", "1")
     monkeypatch.setenv("HACK_KV_NO_SUM_ELIMINATION", "false")
     assert parse(["--bits", "2", "--partition", "128"], default_mode="fp16") == KVConfig(mode="fp16", partition=128)
 
@@ -78,7 +78,7 @@ def test_a_flag_wins_over_its_variable_and_empty_or_off_means_unset(monkeypatch:
     ("HACK_KV_MODE", "int2", "choose from fp16, dequant, hack"),
     ("HACK_KV_NUM_SINKS", "1.5", "expected an integer >= 0"),
     ("HACK_KV_NUM_SINKS", "-2", "expected an integer >= 0"),
-    ("HACK_KV_FLOAT_PREFILL", "yes", "expected 1/true (on) or 0/false (off)"),
+    ("HACK_KV_QUANTIZED_PREFILL", "yes", "expected 1/true (on) or 0/false (off)"),
 ])
 def test_a_bad_variable_is_a_usage_error_naming_it(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
                                                    variable: str, value: str, expected: str) -> None:
