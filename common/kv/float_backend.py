@@ -12,23 +12,6 @@ import torch.nn.functional as F
 from common.kv.interface import ForwardBatch, KVBackend, KVCacheFull
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_cached: int) -> torch.Tensor:
-    """Attention of n new queries over num_cached + n keys, causally.
-
-    q: [n, Hq, D]; k, v: [num_cached + n, Hkv, D]. Returns [n, Hq, D] in q's dtype.
-    Softmax runs in float32; GQA repeats each KV head for its query heads.
-    """
-    n, num_heads, _ = q.shape
-    group = num_heads // k.shape[1]
-    keys = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, L, D]
-    values = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
-    query_pos = torch.arange(num_cached, num_cached + n, device=q.device)
-    key_pos = torch.arange(k.shape[0], device=q.device)
-    mask = key_pos[None, :] <= query_pos[:, None]  # [n, L]
-    out = F.scaled_dot_product_attention(q.float().transpose(0, 1), keys, values, attn_mask=mask)
-    return out.transpose(0, 1).to(q.dtype)
-
-
 def padded_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """One query per sequence over padded caches. q: [B, Hq, D]; k, v: [B, Hkv, L, D]; lengths: [B]."""
     batch, num_heads, _ = q.shape
@@ -85,15 +68,8 @@ class FloatKVBackend(KVBackend):
             rows = batch.rows(i)
             keys[slot, :, cached:cached + new] = k[rows].transpose(0, 1)
             values[slot, :, cached:cached + new] = v[rows].transpose(0, 1)
-        if batch.is_decode:
-            out = self._decode(q, keys, values, slots, batch)
-        else:
-            out = torch.empty_like(q)
-            for i, (slot, cached, new) in enumerate(zip(slots, batch.num_cached, batch.num_new)):
-                end = cached + new
-                out[batch.rows(i)] = causal_attention(
-                    q[batch.rows(i)], keys[slot, :, :end].transpose(0, 1), values[slot, :, :end].transpose(0, 1), cached
-                )
+        out = self._decode(q, keys, values, slots, batch) if batch.is_decode else \
+            self._padded_causal(q, keys, values, slots, batch)
         if layer == self.num_layers - 1:
             for seq_id, new in zip(batch.seq_ids, batch.num_new):
                 self._lengths[seq_id] += new
@@ -104,6 +80,24 @@ class FloatKVBackend(KVBackend):
         longest = int(lengths.max())
         index = torch.tensor(slots, device=q.device)
         return padded_decode_attention(q, keys[index, :, :longest], values[index, :, :longest], lengths)
+
+    def _padded_causal(self, q, keys, values, slots: list[int], batch: ForwardBatch) -> torch.Tensor:
+        """Every sequence's new tokens in one masked SDPA call, padded to the longest."""
+        num_heads, head_dim = q.shape[1:]
+        longest_new, longest_total = max(batch.num_new), max(c + n for c, n in zip(batch.num_cached, batch.num_new))
+        padded_q = q.new_zeros(len(slots), longest_new, num_heads, head_dim)
+        for i, new in enumerate(batch.num_new):
+            padded_q[i, :new] = q[batch.rows(i)]
+        index = torch.tensor(slots, device=q.device)
+        group = num_heads // keys.shape[1]
+        k = keys[index, :, :longest_total].float().repeat_interleave(group, dim=1)  # [B, Hq, L, D]
+        v = values[index, :, :longest_total].float().repeat_interleave(group, dim=1)
+        cached = torch.tensor(batch.num_cached, device=q.device)
+        query_pos = cached[:, None] + torch.arange(longest_new, device=q.device)[None, :]  # [B, Lq]
+        mask = torch.arange(longest_total, device=q.device)[None, None, :] <= query_pos[:, :, None]  # [B, Lq, L]
+        out = F.scaled_dot_product_attention(padded_q.float().transpose(1, 2), k, v, attn_mask=mask[:, None])
+        out = out.transpose(1, 2).to(q.dtype)  # [B, Lq, Hq, D]
+        return torch.cat([out[i, :new] for i, new in enumerate(batch.num_new)])
 
     def free(self, seq_id: int) -> None:
         self._slot.pop(seq_id, None)

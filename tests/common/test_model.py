@@ -110,3 +110,18 @@ def test_decode_steps_equal_full_prefill_logits(random_checkpoint) -> None:
     assert kv.num_tokens(7) == 17
     kv.free(7)
     assert kv.num_tokens(7) == 0
+
+
+def test_chunked_prefill_equals_one_prefill(random_checkpoint) -> None:
+    """A 17-token prompt fed as chunks of 10 and 7 (next to another sequence) gives one prefill's logits."""
+    loaded = load_model(random_checkpoint(SPECS["qwen2-bias-gqa2-d64"]), dtype="float32", device="cpu")
+    prompt, other = random_prompt(17, loaded.config.vocab_size), random_prompt(5, loaded.config.vocab_size)
+    full = our_logits(loaded, prompt)
+    kv = FloatKVBackend.for_model(loaded.config)
+    first = ForwardBatch.build([1], [0], [10])
+    kv.reserve(first)
+    loaded.model(torch.tensor(prompt[:10]), first, kv)
+    second = ForwardBatch.build([2, 1], [0, 10], [5, 7])
+    kv.reserve(second)
+    logits = loaded.model(torch.tensor(other + prompt[10:]), second, kv, logits="all")
+    assert torch.allclose(logits[5:], full[10:], atol=1e-4)
