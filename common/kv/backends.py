@@ -19,6 +19,7 @@ from common.kv.interface import ForwardBatch, KVBackend
 from common.kv.ops import dispatch
 from common.kv.pool import KVPool
 from common.kv.reference import gather_rows, write_rows
+from common.kv.torch_fast import select_sequences
 
 
 class BatchTensors(NamedTuple):
@@ -227,11 +228,8 @@ class CompressedKVBackend(PagedKVBackend):
         if len(seqs) == len(batch.seq_ids):
             rows, sub = slice(None), t
         else:  # a mixed batch with float-prefill sequences: attend for the others only
-            rows = torch.cat([torch.arange(batch.rows(i).start, batch.rows(i).stop) for i in seqs]).to(q.device)
-            counts = torch.tensor([batch.num_new[i] for i in seqs], device=q.device)
-            cu = torch.zeros(len(seqs) + 1, dtype=torch.int64, device=q.device)
-            cu[1:] = torch.cumsum(counts, 0)
             idx = torch.tensor(seqs, device=q.device)
+            rows, cu = select_sequences(t.cu_new, idx)
             sub = BatchTensors(cu, t.num_cached[idx], t.seq_lens[idx], t.block_tables[idx], t.state_slots[idx])
         out[rows] = self._op(name)(q[rows], sub.cu_new, sub.seq_lens, sub.block_tables, sub.state_slots, cache,
                                    self.config, self.softmax_scale)

@@ -7,13 +7,13 @@ op keeps the signature of its torch reference in reference.py. Routing:
       hack_attention       triton_decode_attention when every sequence brings one query (decode), else
                            triton_prefill_attention (prefill, chunked prefill, mixed batches)
       dequant_attention    triton_dequant_decode for decode; multi-token forwards use the reference
-  * CPU tensors run the vectorized torch versions of torch_fast.py (store_fp16_kv, fp16_attention,
-    hack_attention, dequant_attention), unless TRITON_INTERPRET=1 is set when the op is dispatched: then the
+  * CPU tensors run the vectorized torch versions of torch_fast.py (store_fp16_kv, store_compressed_kv,
+    fp16_attention, hack_attention, dequant_attention), unless TRITON_INTERPRET=1 is set when the op is dispatched: then the
     same Triton kernels run in Triton's interpreter (how the tests check them without a GPU). CUDA tensors run
     torch_fast.py's fp16-mode ops (the uncompressed baseline has no kernel).
   * What the kernels do not implement (stochastic rounding in the append, head_dim not a power of two >= 8)
     falls back to the reference with a one-time warning, so a configuration never fails for lack of a kernel.
-Everything else (store_compressed_kv on CPU, causal_attention, dequantize_sequence) runs the reference, the
+Everything else (causal_attention, dequantize_sequence) runs the reference, the
 ground truth all others are tested against; HACK_KV_OPS=reference routes every op there (e.g. to check a run
 end to end). `register` overrides any route for a device type, keeping the reference signature.
 """
@@ -136,6 +136,7 @@ TRITON_OPS: dict[str, Callable] = {
 # (device type, op) -> vectorized torch version, for what has no Triton kernel on that device
 TORCH_OPS: dict[tuple[str, str], Callable] = {
     ("cpu", "store_fp16_kv"): torch_fast.store_fp16_kv,
+    ("cpu", "store_compressed_kv"): torch_fast.store_compressed_kv,
     ("cpu", "fp16_attention"): torch_fast.fp16_attention,
     ("cpu", "hack_attention"): torch_fast.hack_attention,
     ("cpu", "dequant_attention"): torch_fast.dequant_attention,

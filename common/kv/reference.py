@@ -269,12 +269,12 @@ def hack_scores(qh: torch.Tensor, paged: dict[str, torch.Tensor], config: KVConf
     # channel axis: per token group g, fold sK[g] into q, then codes-only product plus q·mK[g]
     pi = config.partition
     groups = paged["k_scale"].shape[1]
-    grouped_codes = _pad_tokens(codes, groups * pi).unflatten(1, (groups, pi))  # [Hkv, G, Π, D]
+    grouped_codes = pad_tokens(codes, groups * pi).unflatten(1, (groups, pi))  # [Hkv, G, Π, D]
     folded = qh.unsqueeze(1) * paged["k_scale"].float().unsqueeze(2)  # [Hkv, G, M, D]
     a = quantize_int8_partitions(folded, pd)
     unit = torch.ones(grouped_codes.shape[:2] + (codes.shape[-1] // pd, pi), device=qh.device)
     b = Quantized(grouped_codes.mT, unit, torch.zeros_like(unit))
-    b_sums = None if k_sums is None else _pad_tokens(k_sums, groups * pi).unflatten(1, (groups, pi)).mT
+    b_sums = None if k_sums is None else pad_tokens(k_sums, groups * pi).unflatten(1, (groups, pi)).mT
     scaled = homomorphic_matmul(a, b, pd, b_sums=b_sums, product_dtype=product_dtype)  # [Hkv, G, M, Π]
     offsets = (qh @ paged["k_min"].float().mT).mT.unsqueeze(-1)  # [Hkv, G, M, 1]
     return (scaled + offsets).permute(0, 2, 1, 3).flatten(2)[:, :, :n]
@@ -290,17 +290,17 @@ def hack_pv(p: torch.Tensor, paged: dict[str, torch.Tensor], config: KVConfig,
         return p.new_zeros((hkv, m, codes.shape[-1]))
     pi = config.partition
     groups = paged["v_scale"].shape[1]
-    p_groups = _pad_tokens(p.mT, groups * pi).mT.unflatten(-1, (groups, pi)).transpose(1, 2)  # [Hkv, G, M, Π]
+    p_groups = pad_tokens(p.mT, groups * pi).mT.unflatten(-1, (groups, pi)).transpose(1, 2)  # [Hkv, G, M, Π]
     a = quantize_int8(p_groups)
     a = Quantized(a.codes, a.scale.unsqueeze(-1), a.minimum.unsqueeze(-1))  # one partition of Π per row
-    b = Quantized(_pad_tokens(codes, groups * pi).unflatten(1, (groups, pi)),  # [Hkv, G, Π, D]
+    b = Quantized(pad_tokens(codes, groups * pi).unflatten(1, (groups, pi)),  # [Hkv, G, Π, D]
                   paged["v_scale"].unsqueeze(2), paged["v_min"].unsqueeze(2))
     v_sums = paged.get("v_sums")
     b_sums = None if v_sums is None else v_sums.unsqueeze(2)
     return homomorphic_matmul(a, b, pi, b_sums=b_sums, product_dtype=product_dtype).sum(1)
 
 
-def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
+def pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
     """Zero-pad dim 1 (tokens) of [H, n, ...] to `length`: zero codes and zero probabilities add nothing."""
     if x.shape[1] == length:
         return x
@@ -337,7 +337,7 @@ def dequantize_paged(paged: dict[str, torch.Tensor], config: KVConfig) -> tuple[
 def _dequantize_token_groups(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
                              partition: int) -> torch.Tensor:
     """s*q + m per channel over groups of Π tokens: codes [H, n, D], scale/min [H, ceil(n/Π), D] -> fp32."""
-    grouped = _pad_tokens(codes, scale.shape[1] * partition).unflatten(1, (-1, partition))  # [H, G, Π, D]
+    grouped = pad_tokens(codes, scale.shape[1] * partition).unflatten(1, (-1, partition))  # [H, G, Π, D]
     values = torch.mul(grouped, scale.float().unsqueeze(2)).add_(minimum.float().unsqueeze(2))
     return values.flatten(1, 2)[:, : codes.shape[1]]
 

@@ -18,8 +18,8 @@ Results agree with the reference to float32 rounding; a homomorphic output can a
 P where a probability sits on a rounding boundary (the tolerance the Triton kernels are held to).
 
 The padded layout holds B x M x keys scores, as the reference holds M x keys per sequence: a chunk mixing a
-long prompt with decodes pays for the padding. store_compressed_kv is not here: it appends per sequence (tail
-flushes of different lengths), a few small copies per sequence and layer.
+long prompt with decodes pays for the padding. store_compressed_kv batches only the decode append into the open
+tail; what quantizes (a tail flush every Π tokens, prompts) still appends per sequence through the reference.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from common.kv import reference
 from common.kv.config import KVConfig
-from common.kv.format import Cache, unpack_codes
+from common.kv.format import Cache, Quantized, unpack_codes
 
 CHUNK_ELEMENTS = 1 << 20  # gathered K values per chunk: 4 MiB as float32, one Llama-3-8B layer at 1k tokens
 
@@ -192,6 +192,43 @@ def _fp16_chunk(q: torch.Tensor, cu_q: torch.Tensor, seq_lens: torch.Tensor, blo
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Compressed modes: appending new tokens
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def store_compressed_kv(k: torch.Tensor, v: torch.Tensor, cu_new: torch.Tensor, num_cached: torch.Tensor,
+                        block_tables: torch.Tensor, state_slots: torch.Tensor, cache: Cache, config: KVConfig,
+                        generator: torch.Generator | None = None) -> None:
+    """reference.store_compressed_kv, with the common decode append batched: a single new token that lands in
+    its sequence's open tail without filling the partition is one indexed write for the whole batch. The rest
+    (sinks, tail flushes, multi-token appends, the requantizing ablation) goes through the reference in batch
+    order, so stochastic rounding draws the same numbers."""
+    counts = cu_new[1:] - cu_new[:-1]
+    open_len = (num_cached - config.num_sinks) % config.partition
+    in_tail = (counts == 1) & (num_cached >= config.num_sinks) & (open_len < config.partition - 1)
+    if not config.requant_elimination:  # every append also requantizes the open partition into the pages
+        in_tail = torch.zeros_like(in_tail)
+    if in_tail.any():
+        rows, slots, columns = cu_new[:-1][in_tail], state_slots[in_tail], open_len[in_tail]
+        cache["tail_k"][slots, :, columns] = k[rows].to(cache["tail_k"].dtype)
+        cache["tail_v"][slots, :, columns] = v[rows].to(cache["tail_v"].dtype)
+    rest = (~in_tail).nonzero().flatten()
+    if rest.numel():
+        rows, cu_rest = select_sequences(cu_new, rest)
+        reference.store_compressed_kv(k[rows], v[rows], cu_rest, num_cached[rest], block_tables[rest],
+                                      state_slots[rest], cache, config, generator)
+
+
+def select_sequences(cu: torch.Tensor, seqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed rows of sequences `seqs` (a sub-batch, in that order) and the sub-batch's [n + 1] offsets."""
+    starts, counts = cu[:-1][seqs], (cu[1:] - cu[:-1])[seqs]
+    sub_cu = torch.zeros(len(seqs) + 1, dtype=torch.int64, device=cu.device)
+    sub_cu[1:] = torch.cumsum(counts, 0)
+    rows = torch.repeat_interleave(starts - sub_cu[:-1], counts) + torch.arange(int(sub_cu[-1]), device=cu.device)
+    return rows, sub_cu
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Compressed modes: reading a batch's sinks, pages and tails
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -282,10 +319,40 @@ def hack_attention(q: torch.Tensor, cu_q: torch.Tensor, seq_lens: torch.Tensor, 
     def attend(queries: Queries, kv: CompressedKV) -> torch.Tensor:
         return attend_segments(
             queries, kv, softmax_scale,
-            lambda qh: reference.hack_scores(qh, kv.paged, config, product_dtype=torch.float32),
+            lambda qh: hack_scores(qh, kv.paged, config),
             lambda p: reference.hack_pv(p, kv.paged, config, product_dtype=torch.float32))
 
     return compressed_attention(attend, q, cu_q, seq_lens, block_tables, state_slots, cache, config)
+
+
+def hack_scores(qh: torch.Tensor, paged: dict[str, torch.Tensor], config: KVConfig) -> torch.Tensor:
+    """reference.hack_scores with float32 integer products. On the channel axis K's codes enter the product with
+    unit scale and zero minimum, so two of homomorphic_matmul's four float64 terms are exact zeros: computing
+    the other two in place gives the same values at a fraction of the memory traffic (prefill's biggest cost)."""
+    codes = paged["k_codes"]
+    if config.key_axis == "token" or codes.shape[1] == 0:
+        return reference.hack_scores(qh, paged, config, product_dtype=torch.float32)
+    pd, pi, groups = config.head_partition(codes.shape[-1]), config.partition, paged["k_scale"].shape[1]
+    grouped_codes = reference.pad_tokens(codes, groups * pi).unflatten(1, (groups, pi))  # [Hkv, G, Π, D]
+    folded = qh.unsqueeze(1) * paged["k_scale"].float().unsqueeze(2)  # [Hkv, G, M, D]
+    k_sums = paged.get("k_sums")
+    if k_sums is not None:
+        k_sums = reference.pad_tokens(k_sums, groups * pi).unflatten(1, (groups, pi)).mT  # [Hkv, G, D/Πd, Π]
+    scaled = unit_code_products(reference.quantize_int8_partitions(folded, pd), grouped_codes.mT, k_sums, pd)
+    offsets = (qh @ paged["k_min"].float().mT).mT.unsqueeze(-1)  # [Hkv, G, M, 1]
+    return (scaled + offsets).permute(0, 2, 1, 3).flatten(2)[:, :, : codes.shape[1]]
+
+
+def unit_code_products(a: Quantized, b_codes: torch.Tensor, b_sums: torch.Tensor | None,
+                       partition: int) -> torch.Tensor:
+    """reference.homomorphic_matmul(a, B) for B = codes [..., Z, N] with scale 1 and minimum 0: the terms
+    sA·Σa'b' + mA·Σb' in float64 (the dropped two are exact zeros), summed over partitions; returns fp32."""
+    a_codes = a.codes.float().unflatten(-1, (-1, partition)).transpose(-3, -2)  # [..., P, M, Π]
+    b_codes = b_codes.float().unflatten(-2, (-1, partition))  # [..., P, Π, N]
+    b_sums = b_codes.sum(-2, keepdim=True) if b_sums is None else b_sums.unsqueeze(-2)  # [..., P, 1, N]
+    sa, ma = (t.double().transpose(-1, -2).unsqueeze(-1) for t in (a.scale, a.minimum))  # [..., P, M, 1]
+    out = (a_codes @ b_codes).double().mul_(sa).add_(ma * b_sums.double())
+    return out.sum(-3).float()
 
 
 def dequant_attention(q: torch.Tensor, cu_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,

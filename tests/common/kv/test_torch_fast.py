@@ -97,6 +97,20 @@ def test_homomorphic_path_never_dequantizes(monkeypatch):
     assert torch_fast.hack_attention(*args).isfinite().all()
 
 
+@pytest.mark.parametrize("config, head_dim, seq_lens", [
+    pytest.param(KVConfig(partition=32, num_sinks=4), 8, [130, 17, 200], id="d8-sums"),
+    pytest.param(KVConfig(partition=64, bits=4, sum_elimination=False), 64, [300, 65], id="d64-no-sums"),
+    pytest.param(KVConfig(partition=32, key_axis="token"), 64, [45], id="token-axis"),
+])
+def test_hack_scores_are_the_reference_values(config, head_dim, seq_lens):
+    """The lean channel-axis product drops only exact zeros: equal to the reference's float32-product scores."""
+    batch, gen = random_batch(config, 2, head_dim, seq_lens, fresh_seed())
+    kv = torch_fast.read_compressed(batch.cache, batch.seq_lens, batch.block_tables, batch.state_slots, config)
+    qh = torch.randn(kv.sink_k.shape[0], 9, head_dim, generator=gen)
+    expected = reference.hack_scores(qh, kv.paged, config, product_dtype=torch.float32)
+    assert torch.equal(torch_fast.hack_scores(qh, kv.paged, config), expected)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # fp16 mode
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,6 +160,44 @@ def test_fp16_attention_matches_reference(num_kv_heads, group, head_dim):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Compressed store
+# ---------------------------------------------------------------------------------------------------------------
+
+# (cached, new) per sequence: sinks, then decodes through the open tail, a flush at 4 + 32 tokens, a chunk beside
+# decodes, and decodes right after the flush.
+STORE_STEPS = [([0, 0, 0], [1, 3, 17]), ([1, 3, 17], [1, 1, 1]), ([2, 4, 18], [1, 1, 17]),
+               ([3, 5, 35], [1, 1, 1]), ([4, 6, 36], [30, 1, 1])]
+
+
+@pytest.mark.parametrize("config", [
+    pytest.param(KVConfig(partition=32, num_sinks=4), id="channel-sinks"),
+    pytest.param(KVConfig(partition=32, key_axis="token", num_sinks=0, rounding="stochastic"), id="stochastic"),
+    pytest.param(KVConfig(partition=32, num_sinks=4, requant_elimination=False), id="requant"),
+])
+def test_compressed_store_writes_the_reference_bytes(config):
+    gen = torch.Generator().manual_seed(fresh_seed())
+    layout = KVLayout(config, 2, 8)
+    pool = KVPool(layout, 1, 12, 4)
+    pool.allocate({seq: 64 for seq in range(3)})
+    poison(pool.layers[0], gen)
+    ref_cache = {name: t.clone() for name, t in pool.layers[0].items()}
+    tables, slots = pool.block_tables([2, 0, 1]), pool.state_slots([2, 0, 1])  # slots out of batch order
+    generators = [torch.Generator().manual_seed(config.seed) for _ in "rf"]
+    for cached, new in STORE_STEPS:
+        k, v = (torch.randn(sum(new), 2, 8, generator=gen) for _ in "kv")
+        args = (k, v, cumulative(new), torch.tensor(cached), tables, slots)
+        reference.store_compressed_kv(*args, ref_cache, config, generators[0])
+        torch_fast.store_compressed_kv(*args, pool.layers[0], config, generators[1])
+        for name, expected in ref_cache.items():
+            assert torch.equal(pool.layers[0][name].view(torch.uint8), expected.view(torch.uint8)), (name, cached)
+
+
+def test_select_sequences_picks_rows_and_offsets():
+    rows, cu = torch_fast.select_sequences(cumulative([2, 1, 3, 1]), torch.tensor([2, 0, 3]))
+    assert rows.tolist() == [3, 4, 5, 0, 1, 6] and cu.tolist() == [0, 3, 5, 6]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Routing, and the backends on the fast ops
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -154,10 +206,10 @@ def test_dispatch_routes_to_the_fast_ops_unless_the_reference_is_forced(monkeypa
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("HACK_KV_OPS", raising=False)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    for name in ("store_fp16_kv", "fp16_attention", "hack_attention", "dequant_attention"):
+    for name in ("store_fp16_kv", "store_compressed_kv", "fp16_attention", "hack_attention", "dequant_attention"):
         assert ops.dispatch(name, cpu) is getattr(torch_fast, name)
     assert ops.dispatch("fp16_attention", cuda) is torch_fast.fp16_attention
-    assert ops.dispatch("store_compressed_kv", cpu) is reference.store_compressed_kv
+    assert ops.dispatch("causal_attention", cpu) is reference.causal_attention
     monkeypatch.setenv("HACK_KV_OPS", "reference")
     assert ops.dispatch("hack_attention", cpu) is reference.hack_attention
     assert ops.dispatch("fp16_attention", cuda) is reference.fp16_attention
