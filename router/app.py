@@ -49,7 +49,8 @@ def build_app(config: RouterConfig) -> FastAPI:
         metrics.watch_pool(pool)
         orchestrator = Orchestrator(pool, metrics, prefill_timeout_s=config.prefill_timeout_s,
                                     rpc_timeout_s=config.rpc_timeout_s,
-                                    max_prefill_attempts=config.max_prefill_attempts)
+                                    max_prefill_attempts=config.max_prefill_attempts,
+                                    token_timeout_s=config.token_timeout_s)
         app.state.pool = pool
         app.state.serving = OpenAIServing(config, tokenizer, model_info, orchestrator, metrics)
         await pool.start()

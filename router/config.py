@@ -22,6 +22,7 @@ class RouterConfig:
     rpc_timeout_s: float = 2.0  # health, Stats and Cancel calls
     prefill_timeout_s: float = 600.0
     max_prefill_attempts: int = 3  # a prefill that fails before the first token is retried elsewhere
+    token_timeout_s: float = 120.0  # once the KV is delivered, the longest wait for decode's next token
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -41,7 +42,7 @@ class RouterConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_model_len < 0:
             raise ValueError(f"max_model_len must be >= 0 (0 = from the model config), got {self.max_model_len}")
-        for name in ("health_interval_s", "rpc_timeout_s", "prefill_timeout_s"):
+        for name in ("health_interval_s", "rpc_timeout_s", "prefill_timeout_s", "token_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_prefill_attempts < 1:

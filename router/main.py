@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds between health/Stats polls [HACK_HEALTH_INTERVAL_S]")
     parser.add_argument("--prefill-timeout", type=float, default=env("HACK_PREFILL_TIMEOUT_S", "600"),
                         help="seconds one Prefill call may take [HACK_PREFILL_TIMEOUT_S]")
+    parser.add_argument("--token-timeout", type=float, default=env("HACK_TOKEN_TIMEOUT_S", "120"),
+                        help="seconds a decode instance may stay silent once the KV is delivered; then the "
+                             "request fails with an error [HACK_TOKEN_TIMEOUT_S]")
     parser.add_argument("--log-level", default=env("HACK_LOG_LEVEL", "info"), help="[HACK_LOG_LEVEL]")
     return parser
 
@@ -68,6 +71,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         max_model_len=args.max_model_len,
         health_interval_s=args.health_interval,
         prefill_timeout_s=args.prefill_timeout,
+        token_timeout_s=args.token_timeout,
     )
 
 

@@ -74,12 +74,14 @@ class Orchestrator:
         prefill_timeout_s: float,
         rpc_timeout_s: float,
         max_prefill_attempts: int,
+        token_timeout_s: float = 120.0,
     ) -> None:
         self._pool = pool
         self._metrics = metrics
         self._prefill_timeout_s = prefill_timeout_s
         self._rpc_timeout_s = rpc_timeout_s
         self._max_prefill_attempts = max_prefill_attempts
+        self._token_timeout_s = token_timeout_s
         self._background: set[asyncio.Task[None]] = set()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[hack_pb2.GeneratedToken]:
@@ -159,6 +161,11 @@ class Orchestrator:
                 await asyncio.wait((read, run.prefill_task), return_when=asyncio.FIRST_COMPLETED)
             if not read.done():
                 run.prefill_task.result()  # the prefill ended first: raises its error, else keep waiting for D
+                # The KV is delivered: a decode instance that stays silent now is stuck, not busy with prefill.
+                await asyncio.wait((read,), timeout=self._token_timeout_s)
+                if not read.done():
+                    raise RouterError(f"decode instance {run.decode.address} sent no token for "
+                                      f"{self._token_timeout_s:g} s", status=504, code="decode_timeout")
             message = await read
             if message is grpc.aio.EOF:
                 run.call_closed_by_decode = True

@@ -138,3 +138,20 @@ async def test_client_disconnect_during_prefill_cancels_on_both_instances(byte_m
     request_id = prefill.requests[0].request_id
     assert prefill.cancel_calls == [request_id] and decode.cancel_calls == [request_id]
     assert 'hack_router_requests_total{status="cancelled"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_silent_decode_instance_times_out_with_an_error(byte_model, byte_tokenizer, stream):
+    """The KV was delivered but decode stalls: the client gets an explicit error and decode a Cancel."""
+    first, rest = script(byte_tokenizer, TEXT)
+    decode = FakeDecode(rest, token_delay_s=30.0)
+    async with cluster(byte_model, [FakePrefill(first)], [decode], token_timeout_s=0.5) as c:
+        response = await c.client.post("/v1/completions", json=completion(stream, max_tokens=50))
+        await eventually(lambda: decode.cancel_calls)
+    if stream:
+        events = parse_sse(response.text)
+        assert response.status_code == 200 and events[-1] == "[DONE]"
+        assert events[-2]["error"]["code"] == "decode_timeout"
+    else:
+        assert response.status_code == 504 and response.json()["error"]["code"] == "decode_timeout"
+    assert decode.cancel_calls == [decode.generate_requests[0].request_id]
