@@ -8,12 +8,25 @@ venv=.venv
 stamp=$venv/.installed
 python=${PYTHON:-python3}
 
+make_venv() {
+  if "$python" -m venv "$venv" 2>/dev/null; then
+    return
+  fi
+  # Debian's python3 without the python3-venv package has no ensurepip: make the venv without pip, then let
+  # the system's pip (23+) install pip into it.
+  "$python" -m venv --without-pip --clear "$venv"
+  if ! "$python" -m pip --python "$venv/bin/python" install --quiet pip; then
+    echo "hack: could not create $venv: install python3-venv (apt-get install python3-venv) or pip >= 22.3" >&2
+    exit 1
+  fi
+}
+
 install() {
   if [[ -f $stamp && $stamp -nt pyproject.toml && $stamp -nt constraints.txt ]]; then
     return
   fi
   echo "hack: installing into $venv (first run only; a few minutes)" >&2
-  "$python" -m venv "$venv"
+  make_venv
   "$venv/bin/python" -m pip install --quiet --upgrade pip
   # torch first and pinned: an unpinned torch would pull several GB of CUDA packages
   "$venv/bin/python" -m pip install --quiet -c constraints.txt torch==2.13.0
