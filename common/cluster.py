@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from common.default_model import model_from_env
+from common.default_model import model_from_env, served_model_name
 from common.kv.config import MODES
 from router.policy import POLICIES
 
@@ -81,8 +81,9 @@ class ClusterConfig:
 
     @property
     def served_model_name(self) -> str:
-        """What clients send as `model`: the checkpoint directory's name (e.g. "stories260K")."""
-        return Path(self.model).name
+        """What clients send as `model`: the embedded model's name, the checkpoint directory's name (e.g.
+        "stories260K") or the GGUF file's name without .gguf."""
+        return served_model_name(self.model)
 
 
 class Cluster:
@@ -106,6 +107,7 @@ class Cluster:
         cfg = self.config
         deadline = time.monotonic() + cfg.start_timeout_s
         try:
+            prepare_model(cfg.model)
             for role, count, extra in (("prefill", cfg.num_prefill, cfg.prefill_args),
                                        ("decode", cfg.num_decode, cfg.decode_args)):
                 for i in range(count):
@@ -175,6 +177,17 @@ def child_environment(num_model_processes: int) -> dict[str, str]:
     return env
 
 
+def prepare_model(model: str) -> None:
+    """Resolve the model once here (a GGUF checkpoint is converted into the cache), so that the instances
+    and the router find it ready instead of each converting it; a bad --model fails before any process starts."""
+    from common.loader import CheckpointError, resolve_model_path
+
+    try:
+        resolve_model_path(model)
+    except CheckpointError as error:
+        raise ClusterStartError(f"model {model!r}: {error}") from None
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -189,7 +202,8 @@ def free_port() -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hack-cluster", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="checkpoint directory (default: $HACK_MODEL, else the embedded tiny model)")
+    parser.add_argument("--model", help="checkpoint directory, .gguf file, hub id or embedded model name "
+                        "(default: $HACK_MODEL, else smollm2-135m-instruct)")
     parser.add_argument("--prefill", type=int, default=1, help="prefill instances (default 1)")
     parser.add_argument("--decode", type=int, default=1, help="decode instances (default 1)")
     parser.add_argument("--kv-mode", choices=MODES, default="hack")

@@ -19,8 +19,8 @@ from common.sampling import SamplingParams
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m common.generate", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="checkpoint directory or hub id (default: $HACK_MODEL, else the "
-                        "embedded tiny random model)")
+    parser.add_argument("--model", help="checkpoint directory, .gguf file, hub id or embedded model name "
+                        "(default: $HACK_MODEL, else smollm2-135m-instruct)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

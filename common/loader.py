@@ -1,4 +1,5 @@
-"""Loading a Hugging Face checkpoint directory into our runtime, fully offline.
+"""Loading a checkpoint into our runtime, fully offline: a Hugging Face directory, a GGUF file (converted once
+into a cached Hugging Face directory, see common.gguf_checkpoint), or an embedded model's name (common.default_model).
 
 Config via `transformers.AutoConfig`, weights via `safetensors` (one file or shards listed in
 `model.safetensors.index.json`), tokenizer and chat template via `transformers.AutoTokenizer`.
@@ -16,6 +17,8 @@ import torch
 from safetensors import safe_open
 
 from common.config import ModelConfig
+from common.default_model import EmbeddedModelMissing, cache_dir, embedded_model_path
+from common.gguf_checkpoint import GGUFError, converted_checkpoint, find_gguf
 from common.model import CausalLM
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -47,12 +50,24 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 
 def resolve_model_path(model: str) -> Path:
-    """A local checkpoint directory, or a Hugging Face hub id downloaded into the local cache."""
-    path = Path(model).expanduser()
+    """The Hugging Face checkpoint directory behind a --model value: an embedded model's name, a local
+    directory, a .gguf file (or a directory holding one; converted on first use), or a hub id (downloaded
+    into the local cache)."""
+    try:
+        embedded = embedded_model_path(model)
+    except EmbeddedModelMissing as error:
+        raise CheckpointError(str(error)) from None
+    path = embedded if embedded is not None else Path(model).expanduser()
+    try:
+        gguf_file = find_gguf(path)
+        if gguf_file is not None:
+            return converted_checkpoint(gguf_file, cache_dir())
+    except GGUFError as error:
+        raise CheckpointError(str(error)) from None
     if path.is_dir():
         return path
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise CheckpointError(f"model path {model!r} is not a checkpoint directory")
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1 or path.suffix == ".gguf":
+        raise CheckpointError(f"model path {model!r} is not a checkpoint directory or GGUF file")
     return _download_from_hub(model)
 
 

@@ -52,7 +52,8 @@ def env(name: str, default: str | None = None) -> str | None:
 def add_model_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     """Flags both services take; each defaults to its HACK_* environment variable."""
     parser.add_argument("--model", default=env("MODEL"),
-                        help="checkpoint directory (env HACK_MODEL; default: the embedded tiny random model)")
+                        help="checkpoint directory, .gguf file, hub id, or an embedded model: smollm2-135m-instruct "
+                        "(the default) or tiny-random (env HACK_MODEL)")
     parser.add_argument("--host", default=env("HOST", "127.0.0.1"), help="address to listen on (env HACK_HOST)")
     parser.add_argument("--port", type=int, default=env("PORT", str(default_port)),
                         help=f"gRPC port, 0 = any free port (env HACK_PORT; default {default_port})")

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from common.loader import resolve_model_path
 from router.config import RouterConfig
 from router.errors import RouterError
 from router.instances import InstancePool
@@ -37,8 +38,9 @@ routes = APIRouter()
 
 
 def build_app(config: RouterConfig) -> FastAPI:
-    tokenizer = load_tokenizer(config.model)
-    model_info = load_model_info(config.model, tokenizer, config.max_model_len)
+    model_dir = str(resolve_model_path(config.model))  # an embedded model's name or a GGUF file -> a directory
+    tokenizer = load_tokenizer(model_dir)
+    model_info = load_model_info(model_dir, tokenizer, config.max_model_len)
     metrics = RouterMetrics()
 
     @asynccontextmanager

@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", default=env("HACK_MODEL"),
-                        help="model directory (tokenizer, config); default: the embedded tiny model [HACK_MODEL]")
+                        help="checkpoint directory, .gguf file or embedded model name (tokenizer, config); default: "
+                             "smollm2-135m-instruct [HACK_MODEL]")
     parser.add_argument("--served-model-name", default=env("HACK_SERVED_MODEL_NAME", ""),
                         help="name clients send as `model`; default: the --model value [HACK_SERVED_MODEL_NAME]")
     parser.add_argument("--prefill", nargs="+", default=_env_list("HACK_PREFILL"), metavar="ADDR",
@@ -85,7 +86,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from router.app import build_app  # after argument checks: importing transformers takes seconds
 
-    uvicorn.run(build_app(config), host=config.host, port=config.port, log_level=args.log_level.lower())
+    try:
+        app = build_app(config)
+    except (ValueError, OSError) as error:  # a missing or unreadable model
+        parser.error(str(error))
+    uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level.lower())
 
 
 if __name__ == "__main__":

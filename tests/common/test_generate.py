@@ -47,12 +47,23 @@ def test_prompt_longer_than_context_is_rejected(stories260k) -> None:
     assert result.stdout == ""
 
 
-def test_default_model_works_offline(tmp_path) -> None:
+def test_default_model_works_offline(smollm2_dir) -> None:
+    """No --model: the embedded SmolLM2-135M-Instruct, with the network off, writes sensible text."""
+    import os
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.pop("HACK_MODEL", None)
+    result = run_cli("--prompt", "The capital of France is", "--max-tokens", "3", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in json.loads(result.stdout)["text"]
+
+
+def test_tiny_random_model_is_written_on_first_use(tmp_path) -> None:
     import os
 
     env = dict(os.environ, HACK_CACHE_DIR=str(tmp_path), HF_HUB_OFFLINE="1")
-    env.pop("HACK_MODEL", None)
-    result = run_cli("--prompt", "hello", "--max-tokens", "5", "--json", "--ignore-eos", env=env)
+    result = run_cli("--model", "tiny-random", "--prompt", "hello", "--max-tokens", "5", "--json", "--ignore-eos",
+                     env=env)
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)["token_ids"]) == 5
     assert (tmp_path / "hack-tiny-random-llama-v1" / "model.safetensors").exists()

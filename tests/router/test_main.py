@@ -36,8 +36,7 @@ def test_bad_input_is_a_usage_error(monkeypatch, capsys):
     assert "at least one decode address is required" in capsys.readouterr().err
 
 
-def test_no_model_falls_back_to_the_embedded_default(monkeypatch, tmp_path):
+def test_no_model_falls_back_to_the_embedded_default(monkeypatch):
     monkeypatch.delenv("HACK_MODEL", raising=False)
-    monkeypatch.setenv("HACK_CACHE_DIR", str(tmp_path))
     config = config_from_args(build_parser().parse_args(["--prefill", "p:1", "--decode", "d:1"]))
-    assert config.model == str(tmp_path / "hack-tiny-random-llama-v1")
+    assert config.model == config.model_name == "smollm2-135m-instruct"
