@@ -34,10 +34,16 @@ class KVConfig:
     key_axis: KeyAxis = "channel"
     rounding: Rounding = "nearest"
     num_sinks: int = 4  # first tokens kept 16-bit: halves the attention error with a sink token (docs/accuracy.md)
+    # most recent tokens kept 16-bit beyond the open partition (KIVI's residual; docs/accuracy.md): a token is
+    # quantized once `window` newer tokens follow its partition
+    window: int = 0
+    # K and V rotated per KV head by a seeded randomized Hadamard matrix before they are stored (QuaRot/QuIP#):
+    # q·k and P·V are unchanged (q is rotated alike, the output rotated back), outliers spread over channels
+    rotate: bool = False
     sum_elimination: bool = True  # store per-partition code sums instead of recomputing them at every attention
     requant_elimination: bool = True  # keep the open partition 16-bit instead of requantizing it every step
     quantized_prefill: bool = True  # prefill attends to the stored (compressed) K/V, not the original float K/V
-    seed: int = 0  # seeds stochastic rounding
+    seed: int = 0  # seeds stochastic rounding and the rotation's signs
 
     def __post_init__(self) -> None:
         if self.block_size == 0:
@@ -53,6 +59,8 @@ class KVConfig:
             )
         if self.num_sinks < 0:
             raise ValueError(f"num_sinks must be >= 0, got {self.num_sinks}")
+        if self.window < 0:
+            raise ValueError(f"window must be >= 0, got {self.window}")
 
     @property
     def compressed(self) -> bool:

@@ -24,13 +24,23 @@ Per layer pool tensors, `nb` pages; a page holds bs tokens of one layer for all 
     The *_sums tensors exist only with sum_elimination (else attention recomputes them from the codes).
 Per sequence state (compressed modes), indexed by the sequence's state slot, fp16:
     sink_k, sink_v  [max_seqs, Hkv, num_sinks, D]  the first num_sinks tokens, never quantized
-    tail_k, tail_v  [max_seqs, Hkv, Π, D]          the open partition: tokens after the sinks that do not fill a
-                                                   partition of Π yet; quantized once when it fills
+    tail_k, tail_v  [max_seqs, Hkv, Π + W, D]      the tail: the W = config.window most recent tokens (a KIVI-style
+                                                   16-bit recent window, 0 by default) and before them the open
+                                                   partition, tokens that do not fill a partition of Π yet; the
+                                                   oldest Π tail tokens are quantized once when the tail reaches
+                                                   Π + W tokens, so it holds between W and Π + W - 1 of them
+Tail tokens are stored in order from the first unquantized one (compressed index = quantized count).
 Token at position pos >= num_sinks has compressed index c = pos - num_sinks, stored in page
 block_table[c // bs] at slot c % bs (fp16 mode: num_sinks is ignored, c = pos). Pages are allocated for every
 compressed index, including the tail's, so a tail flush never needs a new page. With requant_elimination off the
 tail is also quantized into its page slots at every step (a partial token group has its own s/m over the tokens
 present) and attention reads those codes instead of the tail.
+
+Rotation (config.rotate): what is stored for KV head h is k·M_h and v·M_h (rows), M_h = `rotation_matrices`'
+[h], an orthogonal D x D matrix (a seeded randomized Hadamard one: diag(±1)·H/√D; a seeded random orthogonal
+one where D is not a power of two). Queries are rotated alike (q·M_h·(k·M_h)ᵀ = q·kᵀ) and each attention output
+rotated back (P·(V·M_h)·M_hᵀ = P·V), so every op above runs unchanged on rotated data; sinks and tail hold
+rotated fp16 values too. Sender and receiver derive M from (seed, Hkv, D): both must agree on rotate and seed.
 
 Wire (wire.py), one chunk = one page of one layer (only its filled slots, always whole partitions in the
 compressed modes) or the sequence state of one layer (sinks + tail). Little-endian throughout:
@@ -117,6 +127,20 @@ def _cast_toward(x: torch.Tensor, dtype: torch.dtype, down: bool) -> torch.Tenso
     return torch.where(wrong, torch.nextafter(y, limit), y)
 
 
+def rotation_matrices(num_kv_heads: int, head_dim: int, seed: int) -> torch.Tensor:
+    """[Hkv, D, D] fp32 orthogonal matrices M_h (see the module doc): signs from torch.Generator(seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (num_kv_heads, head_dim, 1), generator=gen).float() * 2 - 1
+    if head_dim & (head_dim - 1) == 0:
+        hadamard = torch.ones(1, 1)
+        while hadamard.shape[0] < head_dim:  # Sylvester: [[H, H], [H, -H]]
+            hadamard = torch.cat([torch.cat([hadamard, hadamard], 1), torch.cat([hadamard, -hadamard], 1)], 0)
+        return signs * hadamard / math.sqrt(head_dim)
+    gaussian = torch.randn(num_kv_heads, head_dim, head_dim, generator=gen, dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    return (signs * q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)).float()
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes [..., D] -> uint8 [..., D*bits/8]; code j of each byte group sits at bit offset bits*j."""
     per_byte = 8 // bits
@@ -173,13 +197,19 @@ class TokenSplit(NamedTuple):
     tail: int
 
 
+def quantized_count(rest: int, config: KVConfig) -> int:
+    """Of `rest` tokens after the sinks, how many are quantized: the whole partitions that leave at least
+    config.window tokens behind them (the tail keeps the window plus the open partition)."""
+    return max(0, rest - config.window) // config.partition * config.partition
+
+
 def split_tokens(num_tokens: int, config: KVConfig) -> TokenSplit:
-    """Sinks, whole partitions and open tail of a sequence of num_tokens (fp16 mode: all tokens are paged)."""
+    """Sinks, whole partitions and 16-bit tail of a sequence of num_tokens (fp16 mode: all tokens are paged)."""
     if not config.compressed:
         return TokenSplit(0, num_tokens, 0)
     sinks = min(num_tokens, config.num_sinks)
     rest = num_tokens - sinks
-    quantized = rest - rest % config.partition
+    quantized = quantized_count(rest, config)
     return TokenSplit(sinks, quantized, rest - quantized)
 
 
@@ -229,7 +259,7 @@ class KVLayout:
         if not self.config.compressed:
             return {}
         h, d = self.num_kv_heads, self.head_dim
-        sinks, tail = (h, self.num_sinks, d), (h, self.config.partition, d)
+        sinks, tail = (h, self.num_sinks, d), (h, self.config.partition + self.config.window, d)
         return {"sink_k": sinks, "sink_v": sinks, "tail_k": tail, "tail_v": tail}
 
     def split(self, num_tokens: int) -> TokenSplit:

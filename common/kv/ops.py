@@ -78,6 +78,8 @@ def kernel_gap(config: KVConfig, head_dim: int) -> str | None:
     """Why the Triton kernels cannot serve this configuration, or None when they can."""
     if head_dim < 8 or head_dim & (head_dim - 1):
         return f"head_dim={head_dim} is not a power of two >= 8"
+    if config.window:
+        return "the kernels read a tail of one partition (window=0)"
     return None
 
 
