@@ -14,12 +14,14 @@ from typing import Literal
 KVMode = Literal["fp16", "dequant", "hack"]
 KeyAxis = Literal["token", "channel"]
 Rounding = Literal["nearest", "stochastic"]
+Ranges = Literal["minmax", "mse"]
 
 MODES: tuple[str, ...] = ("fp16", "dequant", "hack")
 BITS: tuple[int, ...] = (2, 4, 8)
 PARTITIONS: tuple[int, ...] = (32, 64, 128)
 KEY_AXES: tuple[str, ...] = ("token", "channel")
 ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
+RANGES: tuple[str, ...] = ("minmax", "mse")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,9 @@ class KVConfig:
     # and 2.8x less attention error at head_dim 128 with outlier key channels.
     key_axis: KeyAxis = "channel"
     rounding: Rounding = "nearest"
+    # each K/V partition's [min, min + scale * (2^b - 1)]: its min and max, or the clipped range of least squared
+    # error (format.CLIP_GRID; values outside are clamped): stores the same bytes, costs only quantization time
+    ranges: Ranges = "minmax"
     num_sinks: int = 4  # first tokens kept 16-bit: halves the attention error with a sink token (docs/accuracy.md)
     # most recent tokens kept 16-bit beyond the open partition (KIVI's residual; docs/accuracy.md): a token is
     # quantized once `window` newer tokens follow its partition
@@ -53,6 +58,7 @@ class KVConfig:
         _check_choice("partition", self.partition, PARTITIONS)
         _check_choice("key_axis", self.key_axis, KEY_AXES)
         _check_choice("rounding", self.rounding, ROUNDINGS)
+        _check_choice("ranges", self.ranges, RANGES)
         if self.block_size < 0 or self.block_size % self.partition:
             raise ValueError(
                 f"block_size must be a positive multiple of partition={self.partition}, got {self.block_size}"

@@ -2,7 +2,9 @@
 
 Quantization (asymmetric, b bits, one partition of Π values x):
     m = min x, s = (max x - m) / (2^b - 1), q = round((x - m) / s) in [0, 2^b - 1], x ≈ s*q + m.
-Stored m and s are fp16. m is rounded toward -inf and s toward +inf when cast, so that every x lies inside
+With config.ranges="mse" the range [lo, hi] of each K/V partition is not its min/max but the pair of least squared
+error among lo = min + a (max - min), hi = max - b (max - min) for a, b in CLIP_GRID (values outside are clamped
+to the end codes); the bytes are the same. Stored m and s are fp16. m is rounded toward -inf and s toward +inf when cast, so that every x lies inside
 [m, m + s*(2^b - 1)] and the nearest-rounding error is at most s/2 with the *stored* s. A constant partition
 stores s = 0 and codes 0 (exactly x = m). Stochastic rounding: q = floor((x - m)/s + u), u ~ U[0, 1) from a
 torch.Generator, so E[s*q + m] = x.
@@ -83,21 +85,30 @@ class Quantized(NamedTuple):
     minimum: torch.Tensor
 
 
+CLIP_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)  # fractions of a partition's range tried off each end
+
+
 def quantize(
     x: torch.Tensor,
     bits: int,
     rounding: str = "nearest",
     generator: torch.Generator | None = None,
     param_dtype: torch.dtype | None = STORAGE_DTYPE,
+    ranges: str = "minmax",
 ) -> Quantized:
     """Quantize x asymmetrically with one partition = the whole last dim.
 
     Returns codes uint8 [..., P] and scale/minimum [...] in param_dtype (None keeps fp32, for Q and P which are
     never stored). The codes are computed against the rounded parameters, so dequantize() is what gets stored.
+    ranges="mse" clips each partition's range to the least squared error (module doc).
     """
     levels = 2**bits - 1
     xf = x.float()
     lo, hi = xf.amin(-1), xf.amax(-1)
+    if ranges == "mse":
+        lo, hi = least_error_range(xf, lo, hi, levels)
+    elif ranges != "minmax":
+        raise ValueError(f"unknown ranges {ranges!r}")
     minimum = lo if param_dtype is None else _cast_toward(lo, param_dtype, down=True)
     scale = (hi - minimum.float()) / levels
     if param_dtype is not None:
@@ -112,6 +123,27 @@ def quantize(
         raise ValueError(f"unknown rounding {rounding!r}")
     codes = t.clamp_(0, levels).to(torch.uint8)
     return Quantized(codes, scale, minimum)
+
+
+def least_error_range(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                      levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per partition (last dim of x), the clipped [lo', hi'] of least squared round-to-nearest error among
+    lo' = lo + a (hi - lo), hi' = hi - b (hi - lo) for a, b in CLIP_GRID; (a, b) = (0, 0) wins ties."""
+    width = hi - lo
+    best_lo, best_hi, best_error = lo, hi, None
+    for a in CLIP_GRID:
+        for b in CLIP_GRID:
+            low, high = lo + a * width, hi - b * width
+            step = ((high - low) / levels).clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+            codes = ((x - low.unsqueeze(-1)) / step).round_().clamp_(0, levels)
+            error = (codes.mul_(step).add_(low.unsqueeze(-1)).sub_(x)).square_().sum(-1)
+            if best_error is None:
+                best_error = error
+                continue
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_lo, best_hi = torch.where(better, low, best_lo), torch.where(better, high, best_hi)
+    return best_lo, best_hi
 
 
 def dequantize(q: Quantized) -> torch.Tensor:
@@ -325,12 +357,12 @@ def quantize_tokens(
     pd = config.head_partition(d)
     rows: dict[str, torch.Tensor] = {}
     if config.key_axis == "token":
-        kq = quantize(k.unflatten(-1, (-1, pd)), bits, config.rounding, generator)
+        kq = quantize(k.unflatten(-1, (-1, pd)), bits, config.rounding, generator, ranges=config.ranges)
         k_codes = kq.codes.flatten(-2)
     else:
-        kq = _quantize_token_groups(k, pi, bits, config.rounding, generator)
+        kq = _quantize_token_groups(k, pi, bits, config.rounding, generator, config.ranges)
         k_codes = kq.codes
-    vq = _quantize_token_groups(v, pi, bits, config.rounding, generator)
+    vq = _quantize_token_groups(v, pi, bits, config.rounding, generator, config.ranges)
     rows["k_codes"], rows["k_scale"], rows["k_min"] = pack_codes(k_codes, bits), kq.scale, kq.minimum
     rows["v_codes"], rows["v_scale"], rows["v_min"] = pack_codes(vq.codes, bits), vq.scale, vq.minimum
     if with_sums:
@@ -340,13 +372,14 @@ def quantize_tokens(
 
 
 def _quantize_token_groups(
-    x: torch.Tensor, partition: int, bits: int, rounding: str, generator: torch.Generator | None
+    x: torch.Tensor, partition: int, bits: int, rounding: str, generator: torch.Generator | None,
+    ranges: str = "minmax",
 ) -> Quantized:
     """Per channel over groups of `partition` tokens: x [H, n, D] -> codes [H, n, D], scale/min [H, groups, D]."""
     parts = []
     for start in range(0, x.shape[1], partition):
         group = x[:, start : start + partition].transpose(1, 2)  # [H, D, tokens]: partition along the last dim
-        q = quantize(group, bits, rounding, generator)
+        q = quantize(group, bits, rounding, generator, ranges=ranges)
         parts.append(Quantized(q.codes.transpose(1, 2), q.scale.unsqueeze(1), q.minimum.unsqueeze(1)))
     return Quantized(*(torch.cat(t, dim=1) for t in zip(*parts)))
 

@@ -90,6 +90,8 @@ def triton_store_compressed_kv(k: torch.Tensor, v: torch.Tensor, cu_new: torch.T
     gap = kernel_gap(config, k.shape[-1])
     if gap is None and config.rounding != "nearest":
         gap = "stochastic rounding replays a torch.Generator"
+    if gap is None and config.ranges != "minmax":
+        gap = "the kernel quantizes to each partition's min/max (ranges=minmax)"
     if gap is not None:
         _warn_fallback("store_compressed_kv", gap)
         return reference.store_compressed_kv(*args)

@@ -12,9 +12,9 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from common.kv.config import BITS, KEY_AXES, MODES, PARTITIONS, ROUNDINGS, KVConfig
+from common.kv.config import BITS, KEY_AXES, MODES, PARTITIONS, RANGES, ROUNDINGS, KVConfig
 
-_VALUE_FLAGS = ("bits", "partition", "key_axis", "rounding", "num_sinks", "window")  # "--key-axis" sets key_axis, ...
+_VALUE_FLAGS = ("bits", "partition", "key_axis", "rounding", "ranges", "num_sinks", "window")  # "--key-axis" sets key_axis, ...
 _SWITCH_VALUES = {"1": True, "true": True, "0": False, "false": False}
 
 
@@ -29,6 +29,8 @@ def add_kv_arguments(parser: argparse.ArgumentParser, default_mode: str = "hack"
                "K partitions run along tokens per channel (channel) or along head_dim per token (token)")
     _add_value(parser, group, "--rounding", "HACK_KV_ROUNDING", str, ROUNDINGS, KVConfig.rounding,
                "quantization rounding")
+    _add_value(parser, group, "--ranges", "HACK_KV_RANGES", str, RANGES, KVConfig.ranges,
+               "each K/V partition's range: min/max, or clipped to the least squared error")
     _add_value(parser, group, "--num-sinks", "HACK_KV_NUM_SINKS", int, None, KVConfig.num_sinks,
                "first tokens kept 16-bit")
     _add_value(parser, group, "--window", "HACK_KV_WINDOW", int, None, KVConfig.window,
@@ -51,7 +53,7 @@ def kv_config_from_args(args: argparse.Namespace) -> KVConfig:
     """The KVConfig the parsed flags select; ValueError when the combination is invalid."""
     return KVConfig(
         mode=args.kv_mode, bits=args.bits, partition=args.partition, key_axis=args.key_axis,
-        rounding=args.rounding, num_sinks=args.num_sinks, window=args.window,
+        rounding=args.rounding, ranges=args.ranges, num_sinks=args.num_sinks, window=args.window,
         sum_elimination=not args.no_sum_elimination, requant_elimination=not args.no_requant_elimination, quantized_prefill=args.quantized_prefill,
         rotate=args.rotate,
     )

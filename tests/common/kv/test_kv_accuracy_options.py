@@ -3,6 +3,7 @@ pages, one token, GQA 3:1.
 
   * window: W recent tokens kept 16-bit beyond the open partition. The split, the reference store and attention,
     the fast ops against the reference (store bytes and attention), export/import.
+  * ranges="mse": clipped per-partition ranges of least squared error; same layout, so the fast ops follow.
   * rotate: a per-KV-head orthogonal rotation around the ops. Exact in fp32 (rotate, attend, rotate back = plain
     attention to 1e-5), and the rotated backend is plain attention while nothing is quantized yet.
 """
@@ -17,7 +18,7 @@ import torch
 from common.kv import ops, reference, torch_fast
 from common.kv.config import KVConfig
 from common.kv.factory import make_kv_backend
-from common.kv.format import KVLayout, rotation_matrices, split_tokens
+from common.kv.format import KVLayout, dequantize, quantize, quantize_tokens, rotation_matrices, split_tokens
 from common.kv.interface import ForwardBatch
 from common.kv.pool import KVPool
 from tests.common.kv.triton_support import (HOMOMORPHIC, Tolerance, assert_attention_close, cumulative, fresh_seed,
@@ -54,6 +55,8 @@ WINDOW_CASES = [
                  id="w64-token-4bit"),
     pytest.param(KVConfig(partition=32, window=7, num_sinks=4, requant_elimination=False, sum_elimination=False),
                  [130, 17, 1], id="w7-requant"),
+    pytest.param(KVConfig(partition=32, window=20, ranges="mse", num_sinks=4), [17, 130, 1], id="w20-mse"),
+    pytest.param(KVConfig(partition=64, ranges="mse", num_sinks=0, key_axis="token"), [1, 200, 17], id="mse-token"),
 ]
 
 
@@ -132,6 +135,45 @@ def test_export_import_round_trip(overrides, prompt) -> None:
     for step in range(3):
         expected, got = _forward(prefill, [0], [1], 20 + step), _forward(decode, [11], [1], 20 + step)
         assert all(torch.equal(e, g) for e, g in zip(expected, got)), step
+
+
+# -- ranges -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_mse_ranges_never_err_more_than_min_max(bits) -> None:
+    gen = torch.Generator().manual_seed(fresh_seed())
+    x = torch.randn(3, 17, 64, generator=gen)
+    x[0, :, 5] = 30.0  # an outlier value in every partition of one row
+    errors = {r: (dequantize(quantize(x, bits, ranges=r)) - x).square().sum(-1) for r in ("minmax", "mse")}
+    assert (errors["mse"] <= errors["minmax"] * (1 + 1e-3) + 1e-6).all()
+    assert errors["mse"][1:].sum() < 0.9 * errors["minmax"][1:].sum()  # Gaussian rows: tails are worth clipping
+
+
+def test_mse_ranges_keep_constant_partitions_exact_and_clamp_the_rest() -> None:
+    x = torch.full((2, 32), 1.5)
+    x[1] = torch.linspace(-1, 1, 32)
+    q = quantize(x, 2, ranges="mse")
+    assert torch.equal(dequantize(q)[0], x[0]) and q.scale[0] == 0
+    assert q.codes.max() == 3 and q.codes.min() == 0
+
+
+def test_mse_ranges_change_codes_not_layout() -> None:
+    gen = torch.Generator().manual_seed(fresh_seed())
+    k, v = (torch.randn(2, 17, 8, generator=gen) for _ in "kv")
+    plain, clipped = (quantize_tokens(k, v, KVConfig(partition=32, ranges=r)) for r in ("minmax", "mse"))
+    assert {n: t.shape for n, t in plain.items()} == {n: t.shape for n, t in clipped.items()}
+    with pytest.raises(ValueError, match="ranges"):
+        KVConfig(ranges="max")
+
+
+def test_mse_ranges_are_a_store_kernel_gap(monkeypatch) -> None:
+    """The Triton append computes min/max ranges: with ranges=mse the store falls back to the reference."""
+    calls = []
+    monkeypatch.setattr(reference, "store_compressed_kv", lambda *args: calls.append(args))
+    k = torch.zeros(1, 1, 64)
+    ops.triton_store_compressed_kv(k, k, None, None, None, None, {}, KVConfig(ranges="mse"), None)
+    assert len(calls) == 1
 
 
 # -- rotation ----------------------------------------------------------------------------------------------------
