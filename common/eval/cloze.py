@@ -31,6 +31,7 @@ from common.kv.options import add_kv_arguments, kv_config_from_args
 from common.loader import LoadedModel, load_model
 
 CHOICES = 4
+WORD_START = ("Ġ", "▁", " ")
 
 
 class Question(NamedTuple):
@@ -43,8 +44,9 @@ def word_tokens(tokenizer, ids: set[int]) -> set[int]:
     """The ids among `ids` that are whole words: a token that starts a word (leading space) and has >= 3 letters."""
     words = set()
     for token in ids:
-        text = tokenizer.decode([token])
-        if text.startswith(" ") and len(text.strip()) >= 3 and text.strip().isalpha():
+        piece = tokenizer.convert_ids_to_tokens(token)  # byte-level BPE marks a word start with Ġ, SentencePiece ▁
+        text = tokenizer.decode([token]).strip()
+        if piece[:1] in WORD_START and len(text) >= 3 and text.isalpha():
             words.add(token)
     return words
 
