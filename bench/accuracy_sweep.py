@@ -1,13 +1,17 @@
-"""Accuracy sweep of the KV modes: perplexity and greedy agreement on a real model, attention error at head_dim 128.
+"""Accuracy sweep of the KV configurations on a real model: perplexity on a tuning text and on a held-out text,
+a next-word multiple-choice task, greedy agreement with fp16, the attention error of rotation x key axis at
+head_dim 128, and stories260K as a stress test; with the exact KV bytes of each configuration.
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m bench.accuracy_sweep --model ../shared/models/stories260K \
-        --text ../shared/data/tinystories_val.txt [--tokens 12288 --write docs/accuracy.md]
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.accuracy_sweep --model /work/models/SmolLM2-135M-Instruct \
+        --tune-text ../shared/data/tinystories_val.txt --text ../shared/data/wiki.test.raw \
+        --stress-model ../shared/models/stories260K --write docs/accuracy.md [--shard 0/2]
 
-Runs everything in one process (the model loads once, the fp16 greedy reference is generated once) through the
-same functions as the CLI tools `common.eval.perplexity`, `common.eval.agreement` and
-`common.eval.attention_error`; each row of the tables names the tool flags that reproduce it. Every measurement
-is appended to --results (JSON lines) as soon as it is done, and a rerun skips what is already there, so an
-interrupted sweep resumes. The tables go to stdout and, with --write, into their sections of a markdown file.
+Runs in one process per shard (the model loads once, the fp16 greedy reference is generated once) through the
+same functions as the CLI tools `common.eval.perplexity`, `common.eval.cloze`, `common.eval.agreement` and
+`common.eval.attention_error`; each table row names the KV flags that reproduce it. Every measurement is
+appended to --results (JSON lines) as soon as it is done, keyed by the full KV configuration, and a rerun skips
+what is already there, so an interrupted sweep resumes and `--shard K/N` processes can share the work. The tables
+go to stdout and, with --write, into their sections of a markdown file (once every measurement is in).
 """
 from __future__ import annotations
 
@@ -15,7 +19,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -23,70 +26,56 @@ import torch
 
 from bench.report import write_section
 from common.default_model import model_from_env
-from common.eval import agreement, attention_error, attention_profile, perplexity
-from common.kv.options import kv_flags
+from common.eval import agreement, attention_error, cloze, perplexity
 from common.kv.config import KVConfig
-from common.kv.format import STORAGE_DTYPE, KVLayout
+from common.kv.format import KVLayout
+from common.kv.options import kv_flags
 from common.loader import LoadedModel, load_model
 
-MAIN_FLAGS = ("--kv-mode", "--bits", "--partition", "--key-axis")
-PROFILE_WINDOWS = 16  # attention profile: windows of --context tokens
 LLAMA3_8B = {"num_layers": 32, "num_kv_heads": 8, "head_dim": 128}  # its 32 query heads do not change KV bytes
+BYTES_AT = 4096  # prompt tokens at which the byte shares are stated (the issue's acceptance point)
+PAPER = KVConfig(mode="hack", bits=2, partition=64, ranges="minmax", rotate=False, window=0)  # HACK's setting
+ACCURATE = dataclasses.replace(PAPER, ranges="mse", rotate=True, window=128)
 
 
 # -- what is measured ----------------------------------------------------------------------------------------------
 
 
-def grid_configs() -> list[KVConfig]:
-    """fp16, then dequant and hack at every bits x partition x key axis."""
-    configs = [KVConfig(mode="fp16")]
-    for mode, bits, partition, axis in itertools.product(("dequant", "hack"), (2, 4), (32, 64, 128),
-                                                         ("token", "channel")):
-        configs.append(KVConfig(mode=mode, bits=bits, partition=partition, key_axis=axis))
-    return configs
-
-
-def ablation_configs() -> list[KVConfig]:
-    """One setting changed at a time from a grid row: each ablation on hack at 2 bits, Π=64, both key axes;
-    the two that change accuracy also on dequant (storage or homomorphic compute?); no sinks also at 4 bits."""
-    configs = []
-    for axis in ("token", "channel"):
-        base = KVConfig(mode="hack", bits=2, partition=64, key_axis=axis)
-        configs += [dataclasses.replace(base, num_sinks=0), dataclasses.replace(base, rounding="stochastic"),
-                    dataclasses.replace(base, sum_elimination=False),
-                    dataclasses.replace(base, requant_elimination=False)]
-    dequant = KVConfig(mode="dequant", bits=2, partition=64, key_axis="channel")
-    return configs + [dataclasses.replace(dequant, rounding="stochastic"),
-                      dataclasses.replace(dequant, requant_elimination=False),
-                      KVConfig(mode="hack", bits=4, partition=64, key_axis="channel", num_sinks=0)]
+def sweep_configs() -> list[KVConfig]:
+    """fp16, the paper's 2-bit setting (hack and dequant) and 4 bits, each technique alone on top of the paper's
+    setting, their combinations, and the full combination on dequant."""
+    one_at_a_time = [dataclasses.replace(PAPER, **change) for change in
+                     ({"ranges": "mse"}, {"rotate": True}, {"window": 128})]
+    combined = [dataclasses.replace(PAPER, ranges="mse", rotate=True), dataclasses.replace(PAPER, ranges="mse",
+                                                                                           window=128), ACCURATE]
+    return [KVConfig(mode="fp16"), PAPER, dataclasses.replace(PAPER, mode="dequant"),
+            dataclasses.replace(PAPER, bits=4), *one_at_a_time, *combined, dataclasses.replace(ACCURATE, mode="dequant")]
 
 
 def agreement_configs() -> list[KVConfig]:
-    """Both compressed modes at both key axes and 2 or 4 bits, plus the ablations that change accuracy."""
-    configs = [KVConfig(mode=mode, bits=bits, key_axis=axis)
-               for bits, axis, mode in itertools.product((2, 4), ("token", "channel"), ("dequant", "hack"))]
-    base = KVConfig(mode="hack", bits=2, key_axis="channel")
-    return configs + [dataclasses.replace(base, num_sinks=0), dataclasses.replace(base, rounding="stochastic"),
-                      dataclasses.replace(base, requant_elimination=False),
-                      KVConfig(mode="hack", bits=4, key_axis="channel", num_sinks=0)]
+    return [PAPER, ACCURATE, dataclasses.replace(PAPER, bits=4)]
 
 
-def sink_configs() -> list[KVConfig]:
-    """hack at 2 and 4 bits, Π=64, both key axes, with and without 16-bit sinks."""
-    return [KVConfig(mode="hack", bits=bits, key_axis=axis, num_sinks=sinks)
-            for bits, axis, sinks in itertools.product((2, 4), ("token", "channel"), (0, 4))]
+def rotation_configs() -> list[KVConfig]:
+    """The paper's setting at both key axes, with and without rotation, with min/max and clipped ranges."""
+    return [dataclasses.replace(PAPER, key_axis=axis, rotate=rotate, ranges=ranges)
+            for ranges, axis, rotate in itertools.product(("minmax", "mse"), ("channel", "token"), (False, True))]
 
 
-def base_of(config: KVConfig) -> KVConfig:
-    """The grid configuration an ablation differs from."""
-    return KVConfig(mode=config.mode, bits=config.bits, partition=config.partition, key_axis=config.key_axis)
+def stress_configs() -> list[KVConfig]:
+    return [KVConfig(mode="fp16"), PAPER, dataclasses.replace(PAPER, ranges="mse", rotate=True), ACCURATE,
+            dataclasses.replace(PAPER, bits=4)]
 
 
 # -- results file --------------------------------------------------------------------------------------------------
 
 
+def config_key(config: KVConfig) -> str:
+    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+
+
 class ResultLog:
-    """Measurements keyed by (kind, flags), appended to a JSON-lines file as they finish."""
+    """Measurements keyed by (kind, full KV configuration), appended to a JSON-lines file as they finish."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -94,153 +83,227 @@ class ResultLog:
         if path.exists():
             for line in path.read_text().splitlines():
                 row = json.loads(line)
-                self.rows[(row["kind"], row["flags"])] = row
+                self.rows[(row["kind"], config_key(KVConfig.from_dict(row["kv_config"])))] = row
+
+    def get(self, kind: str, config: KVConfig) -> dict | None:
+        return self.rows.get((kind, config_key(config)))
 
     def get_or_run(self, kind: str, config: KVConfig, measure: Callable[[], dict]) -> dict:
-        key = (kind, " ".join(kv_flags(config)))
+        key = (kind, config_key(config))
         if key not in self.rows:
-            row = {"kind": kind, "flags": key[1], **measure()}
+            row = {"kind": kind, **measure(), "kv_config": dataclasses.asdict(config)}
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
             self.rows[key] = row
-            print(f"{kind}: {key[1]} -> {_headline(row)}", flush=True)
+            print(f"{kind}: {flags_of(config)} -> {_headline(row)}", flush=True)
         return self.rows[key]
 
 
 def _headline(row: dict) -> str:
-    if "perplexity" in row:
-        return f"ppl {row['perplexity']:.4f} ({row['tokens']} tokens, {row['seconds']} s)"
     if "mean_first_divergence" in row:
         return f"divergence {row['mean_first_divergence']:.1f}, identical {row['identical_fraction']:.2f}"
+    if "perplexity" in row:
+        return f"ppl {row['perplexity']:.4f} ({row['tokens']} tokens, {row.get('seconds', '-')} s)"
     return f"error {row['error']:.4f}"
+
+
+def flags_of(config: KVConfig) -> str:
+    """The flags that select config next to the defaults, fp16 and the mode included."""
+    return " ".join(kv_flags(config)) if config.compressed else "--kv-mode fp16"
 
 
 # -- running -------------------------------------------------------------------------------------------------------
 
 
-def run_perplexity(loaded: LoadedModel, log: ResultLog, text: str, context: int, tokens: int) -> list[dict]:
-    return [log.get_or_run("perplexity", c, lambda c=c: perplexity.evaluate(loaded, c, text, context, tokens))
-            for c in grid_configs() + ablation_configs()]
+class Shard:
+    """Measurement i runs in shard i mod N (--shard K/N); with N = 1 everything runs here."""
+
+    def __init__(self, spec: str) -> None:
+        index, count = (int(part) for part in spec.split("/"))
+        if not 0 <= index < count:
+            raise ValueError(f"--shard must be K/N with 0 <= K < N, got {spec}")
+        self.index, self.count, self.seen = index, count, -1
+
+    def mine(self) -> bool:
+        self.seen += 1
+        return self.seen % self.count == self.index
 
 
-def run_agreement(loaded: LoadedModel, log: ResultLog, text_path: str, prompts: int, prompt_tokens: int,
-                  max_tokens: int) -> list[dict]:
-    encoded = agreement.spread_lengths(agreement.load_prompts(loaded, text_path, prompts, prompt_tokens),
-                                       KVConfig.partition)
-    reference: list[list[int]] = []
+def run_all(args: argparse.Namespace, log: ResultLog, shard: Shard) -> None:
+    """Every measurement, the ones the acceptance numbers need first (a slow or interrupted sweep has them)."""
+    loaded = load_model(model_from_env(args.model), dtype="float32", device="cpu")
+    tune_text = perplexity.read_text_prefix(args.tune_text, args.tokens)
+    text = perplexity.read_text_prefix(args.text, args.tokens)
+    greedy = GreedyReference(loaded, args)
 
-    def measure(config: KVConfig) -> dict:
-        if not reference:  # generated once, and only when some configuration still needs it
-            reference.extend(agreement.greedy_outputs(loaded, KVConfig(mode="fp16"), encoded, max_tokens))
-        return agreement.agreement(loaded, config, encoded, max_tokens, reference)
+    def tune(config: KVConfig) -> dict:
+        return perplexity.evaluate(loaded, config, tune_text, args.context, args.tokens)
 
-    return [log.get_or_run("agreement", c, lambda c=c: measure(c)) for c in agreement_configs()]
+    def heldout(config: KVConfig) -> dict:
+        return cloze.evaluate(loaded, config, text, args.context, args.tokens, args.questions, seed=0,
+                              min_position=args.min_position)
+
+    first = [KVConfig(mode="fp16"), ACCURATE, PAPER, dataclasses.replace(ACCURATE, mode="dequant")]
+    tasks = [("heldout", c, heldout) for c in first] + [("tune", c, tune) for c in first[:2]]
+    tasks += [("agreement", ACCURATE, greedy.agreement)]
+    rest = [c for c in sweep_configs() if c not in first]
+    tasks += [("heldout", c, heldout) for c in rest] + [("tune", c, tune) for c in first[2:] + rest]
+    tasks += [("agreement", c, greedy.agreement) for c in agreement_configs() if c != ACCURATE]
+    for kind, config, measure in tasks:
+        if shard.mine():
+            log.get_or_run(kind, config, lambda c=config, m=measure: m(c))
+    run_attention_error(log, shard)
+    if args.stress_model:
+        stress = load_model(args.stress_model, dtype="float32", device="cpu")
+        stress_text = perplexity.read_text_prefix(args.stress_text, args.stress_tokens)
+        for config in stress_configs():
+            if shard.mine():
+                log.get_or_run("stress", config, lambda c=config: perplexity.evaluate(
+                    stress, c, stress_text, args.stress_context, args.stress_tokens))
 
 
-def run_attention_error(log: ResultLog, kind: str, configs: list[KVConfig], tokens: int, decode_steps: int,
-                        sink_tokens: int) -> list[dict]:
+class GreedyReference:
+    """Agreement prompts from the held-out text and the fp16 greedy outputs, made once when first needed."""
+
+    def __init__(self, loaded: LoadedModel, args: argparse.Namespace) -> None:
+        self.loaded, self.args = loaded, args
+        self.prompts: list[list[int]] = []
+        self.reference: list[list[int]] = []
+
+    def agreement(self, config: KVConfig) -> dict:
+        if not self.reference:
+            self.prompts = agreement.load_prompts(self.loaded, self.args.text, self.args.prompts,
+                                                  self.args.prompt_tokens)
+            self.reference = agreement.greedy_outputs(self.loaded, KVConfig(mode="fp16"), self.prompts,
+                                                      self.args.max_tokens)
+        return agreement.agreement(self.loaded, config, self.prompts, self.args.max_tokens, self.reference)
+
+
+def run_attention_error(log: ResultLog, shard: Shard, tokens: int = 512, decode_steps: int = 64) -> None:
+    """Synthetic K/V at head_dim 128 with 4 outlier key channels and an attention sink (common.eval.attention_error)."""
     shape = dict(num_heads=4, num_kv_heads=1, head_dim=128)
     model = attention_error.synthetic_model(**shape, tokens=tokens + decode_steps)
     q, k, v = attention_error.synthetic_qkv(tokens + decode_steps, **shape, outliers=4,
-                                            generator=torch.Generator().manual_seed(0), sink_tokens=sink_tokens)
-
-    def measure(config: KVConfig) -> dict:
-        return attention_error.attention_errors([config], model, q, k, v, tokens)[0]
-
-    return [log.get_or_run(kind, c, lambda c=c: measure(c)) for c in configs]
+                                            generator=torch.Generator().manual_seed(0), sink_tokens=1)
+    for config in rotation_configs():
+        if shard.mine():
+            log.get_or_run("attention_error", config,
+                           lambda c=config: attention_error.attention_errors([c], model, q, k, v, tokens)[0])
 
 
 # -- tables --------------------------------------------------------------------------------------------------------
 
 
-def config_of(row: dict) -> KVConfig:
-    return KVConfig.from_dict(row["kv_config"])
+def byte_shares(config: KVConfig, num_layers: int, num_kv_heads: int, head_dim: int,
+                tokens: int = BYTES_AT) -> tuple[float, float]:
+    """(wire %, memory %) of fp16 mode's bytes for one sequence of `tokens` (format.KVLayout, exact)."""
+    layout, fp16 = (KVLayout(c, num_kv_heads, head_dim) for c in (config, KVConfig(mode="fp16")))
+    return (100 * layout.wire_bytes(tokens, num_layers) / fp16.wire_bytes(tokens, num_layers),
+            100 * layout.memory_bytes(tokens, num_layers) / fp16.memory_bytes(tokens, num_layers))
 
 
-def main_columns(config: KVConfig) -> str:
-    if not config.compressed:
-        return f"| {config.mode} | 16 | - | - "
-    return f"| {config.mode} | {config.bits} | {config.partition} | {config.key_axis} "
+def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
+    """Whether each (cost, loss) point is not dominated: no other is at most as costly and as lossy, and better
+    in one."""
+    return [not any(c <= cost and l <= loss and (c, l) != (cost, loss) for c, l in points)
+            for cost, loss in points]
 
 
-def other_flags(config: KVConfig) -> str:
-    return " ".join(kv_flags(config, leave_out=MAIN_FLAGS)) or "-"
-
-
-def perplexity_table(rows: list[dict], ablations: bool) -> str:
-    """Grid rows (vs fp16) or ablation rows (vs the same configuration without the change)."""
-    by_config = {config_of(r): r for r in rows}
-    fp16 = by_config[KVConfig(mode="fp16")]
-    against = "its grid row" if ablations else "fp16"
-    lines = [f"| mode | bits | Π | key axis | other flags | perplexity | vs {against} | memory B/token "
-             "| wire B/token | memory % fp16 | wire % fp16 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        config = config_of(row)
-        if (config != base_of(config)) != ablations:
-            continue
-        baseline = by_config[base_of(config)] if ablations else fp16
-        change = 100 * (row["perplexity"] / baseline["perplexity"] - 1)
-        memory, wire, fp16_bytes, context = row["kv_bytes"], row["kv_wire_bytes"], row["fp16_kv_bytes"], row["context"]
-        lines.append(f"{main_columns(config)}| {other_flags(config)} | {row['perplexity']:.3f} | {change:+.1f}% "
-                     f"| {memory / context:.0f} | {wire / context:.0f} | {100 * memory / fp16_bytes:.1f} "
-                     f"| {100 * wire / fp16_bytes:.1f} |")
+def pareto_table(log: ResultLog, model_shape: dict) -> str:
+    configs = [c for c in sweep_configs() if log.get("heldout", c) and log.get("tune", c)]
+    fp16 = KVConfig(mode="fp16")
+    held, tune = log.get("heldout", fp16), log.get("tune", fp16)
+    llama = {c: byte_shares(c, **LLAMA3_8B) for c in configs}
+    own = {c: byte_shares(c, **model_shape) for c in configs}
+    front = dict(zip(configs, pareto_front([(llama[c][0], log.get("heldout", c)["perplexity"]) for c in configs])))
+    lines = ["| flags | held-out ppl | vs fp16 | tuning ppl | vs fp16 | next-word accuracy | wire % fp16 "
+             "(Llama-3-8B) | memory % fp16 (Llama-3-8B) | wire % fp16 (this model) | memory % fp16 (this model) "
+             "| Pareto |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for config in sorted(configs, key=lambda c: (-llama[c][0], log.get("heldout", c)["perplexity"])):
+        h, t = log.get("heldout", config), log.get("tune", config)
+        lines.append(f"| `{flags_of(config)}` | {h['perplexity']:.3f} | {_change(h, held)} | {t['perplexity']:.3f} "
+                     f"| {_change(t, tune)} | {100 * h['accuracy']:.1f}% | {llama[config][0]:.2f} "
+                     f"| {llama[config][1]:.2f} | {own[config][0]:.2f} | {own[config][1]:.2f} "
+                     f"| {'yes' if front[config] else ''} |")
     return "\n".join(lines)
 
 
-def agreement_table(rows: list[dict]) -> str:
-    lines = ["| mode | bits | Π | key axis | other flags | mean first divergence | identical outputs |",
-             "|---|---|---|---|---|---|---|"]
-    for row in rows:
-        config = config_of(row)
-        lines.append(f"{main_columns(config)}| {other_flags(config)} | {row['mean_first_divergence']:.1f} "
-                     f"/ {row['max_tokens']} | {100 * row['identical_fraction']:.0f}% |")
+def _change(row: dict, baseline: dict) -> str:
+    return f"{100 * (row['perplexity'] / baseline['perplexity'] - 1):+.1f}%"
+
+
+def agreement_table(log: ResultLog) -> str:
+    lines = ["| flags | mean first divergence | identical outputs | prompts |", "|---|---|---|---|"]
+    for config in agreement_configs():
+        row = log.get("agreement", config)
+        if row:
+            lines.append(f"| `{flags_of(config)}` | {row['mean_first_divergence']:.1f} / {row['max_tokens']} "
+                         f"| {100 * row['identical_fraction']:.0f}% | {row['prompts']} |")
     return "\n".join(lines)
 
 
-def attention_table(rows: list[dict]) -> str:
-    lines = ["| mode | bits | Π | key axis | other flags | rel. error vs float |", "|---|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(f"| {row['mode']} | {row['bits']} | {row['partition']} | {row['key_axis']} "
-                     f"| {row['other'] or '-'} | {row['error']:.4f} |")
+def attention_table(log: ResultLog) -> str:
+    lines = ["| ranges | key axis | rotate | rel. error vs float |", "|---|---|---|---|"]
+    for config in rotation_configs():
+        row = log.get("attention_error", config)
+        if row:
+            lines.append(f"| {config.ranges} | {config.key_axis} | {'yes' if config.rotate else 'no'} "
+                         f"| {row['error']:.4f} |")
     return "\n".join(lines)
 
 
-def llama3_bytes_table(tokens: int) -> str:
-    """Exact memory and wire bytes (format.KVLayout) of one sequence's KV in a Llama-3-8B-shaped model.
+def stress_table(log: ResultLog) -> str:
+    fp16 = log.get("stress", KVConfig(mode="fp16"))
+    lines = ["| flags | perplexity | vs fp16 |", "|---|---|---|"]
+    for config in stress_configs():
+        row = log.get("stress", config)
+        if row and fp16:
+            lines.append(f"| `{flags_of(config)}` | {row['perplexity']:.3f} | {_change(row, fp16)} |")
+    return "\n".join(lines)
 
-    The key axis does not change the bytes: per-token partitions of Πd along head_dim and per-channel partitions
-    of Π tokens hold the same number of scales when Π <= head_dim.
-    """
+
+def bytes_table(tokens: int = BYTES_AT) -> str:
+    """Exact bytes (format.KVLayout) of one sequence of `tokens` in a Llama-3-8B-shaped model."""
     layers, heads, head_dim = LLAMA3_8B["num_layers"], LLAMA3_8B["num_kv_heads"], LLAMA3_8B["head_dim"]
-    fp16 = KVLayout(KVConfig(mode="fp16"), heads, head_dim).fp16_bytes(tokens, layers)
-    lines = ["| bits | Π | memory MiB | wire MiB | memory % fp16 | wire % fp16 |", "|---|---|---|---|---|---|",
-             f"| 16 (fp16) | - | {fp16 / 2**20:.1f} | {fp16 / 2**20:.1f} | 100.00 | 100.00 |"]
-    for bits, partition in itertools.product((2, 4), (32, 64, 128)):
-        layout = KVLayout(KVConfig(mode="hack", bits=bits, partition=partition), heads, head_dim)
+    lines = ["| flags | memory MiB | wire MiB | memory % fp16 | wire % fp16 |", "|---|---|---|---|---|"]
+    configs = [KVConfig(mode="fp16"), PAPER, *(dataclasses.replace(PAPER, window=w) for w in (64, 128)),
+               dataclasses.replace(ACCURATE, partition=128, block_size=0), ACCURATE, dataclasses.replace(PAPER, bits=4)]
+    for config in configs:
+        layout = KVLayout(config, heads, head_dim)
         memory, wire = layout.memory_bytes(tokens, layers), layout.wire_bytes(tokens, layers)
-        lines.append(f"| {bits} | {partition} | {memory / 2**20:.1f} | {wire / 2**20:.1f} "
-                     f"| {100 * memory / fp16:.2f} | {100 * wire / fp16:.2f} |")
-    return "\n".join(lines + ["", *llama3_headlines(tokens)])
+        wire_share, memory_share = byte_shares(config, **LLAMA3_8B, tokens=tokens)
+        lines.append(f"| `{flags_of(config)}` | {memory / 2**20:.1f} | {wire / 2**20:.1f} | {memory_share:.2f} "
+                     f"| {wire_share:.2f} |")
+    return "\n".join(lines)
 
 
-def llama3_headlines(tokens: int) -> list[str]:
-    """The 2-bit, Π=64 wire share of one layer, and the memory each elimination costs, as sentences."""
-    heads, head_dim, layers = LLAMA3_8B["num_kv_heads"], LLAMA3_8B["head_dim"], LLAMA3_8B["num_layers"]
-    config = KVConfig(mode="hack", bits=2, partition=64)
-    layout = KVLayout(config, heads, head_dim)
-    wire, raw, memory = layout.wire_bytes(tokens), layout.fp16_bytes(tokens), layout.memory_bytes(tokens, layers)
-    no_sums = KVLayout(dataclasses.replace(config, sum_elimination=False), heads, head_dim)
-    sums = memory - no_sums.memory_bytes(tokens, layers)
-    tail_shapes = [shape for name, shape in layout.state_shapes().items() if name.startswith("tail")]
-    tail_slot = layers * sum(math.prod(shape) for shape in tail_shapes) * STORAGE_DTYPE.itemsize
-    return [f"- One layer, 2 bits, Π=64, {tokens} tokens: {wire:,} bytes on the wire vs {raw:,} bytes of fp16 "
-            f"K and V = **{100 * wire / raw:.2f}%**.",
-            f"- Sum elimination (stored code sums) costs {sums / 2**20:.1f} MiB = +{100 * sums / (memory - sums):.1f}% "
-            "memory at 2 bits, Π=64; nothing on the wire.",
-            f"- Requant elimination (a 16-bit slot for the open partition) costs {tail_slot / 2**20:.1f} MiB per "
-            f"sequence = {100 * tail_slot / memory:.1f}% of this sequence's 2-bit memory; on the wire the open "
-            "partition's tokens travel as fp16 either way."]
+def sections(args: argparse.Namespace, log: ResultLog, model_name: str, model_shape: dict) -> dict[str, str]:
+    """The generated markdown sections, by title."""
+    fp16 = log.get("heldout", KVConfig(mode="fp16")) or {}
+    pareto_intro = (f"{model_name}; perplexity over {fp16.get('tokens', args.tokens)} tokens in windows of "
+                    f"{args.context} of the held-out text `{Path(args.text).name}` and of the tuning text "
+                    f"`{Path(args.tune_text).name}`; next-word accuracy: {fp16.get('questions', args.questions)} "
+                    f"4-choice questions from the held-out pass (`common.eval.cloze`, seed 0). Bytes: one sequence of "
+                    f"{BYTES_AT} tokens over all layers, exact (`format.KVLayout`), for a Llama-3-8B shape (32 layers, "
+                    "8 KV heads, head_dim 128) and for this model; memory counts the stored code sums and the "
+                    "16-bit state slot. Pareto: no other row has both fewer Llama-3-8B wire bytes and a lower "
+                    "held-out perplexity. Rows by wire bytes.")
+    agree_intro = (f"{model_name}, {args.prompts} prompts of {args.prompt_tokens} tokens from the held-out text (one "
+                   f"paragraph per line), {args.max_tokens} greedy tokens each, compared with fp16 KV.")
+    attention_intro = ("Synthetic K/V (`common.eval.attention_error --sink-tokens 1`): 4 query heads on 1 KV head, "
+                       "head_dim 128, 4 outlier key channels (10x, offset 5), token 0 an attention sink, a 512-token "
+                       "prompt, error over 64 decode steps; 2 bits, Π=64, 4 sinks.")
+    stress_intro = (f"stories260K (5 layers, head_dim 8), {args.stress_tokens} tokens of "
+                    f"`{Path(args.stress_text).name}` in windows of {args.stress_context}.")
+    bytes_intro = f"32 layers, 8 KV heads, head_dim 128, one sequence of {BYTES_AT} tokens."
+    return {
+        "Pareto table": f"{pareto_intro}\n\n{pareto_table(log, model_shape)}",
+        "Greedy agreement": f"{agree_intro}\n\n{agreement_table(log)}",
+        "Rotation and the key axis at head_dim 128": f"{attention_intro}\n\n{attention_table(log)}",
+        "Stress test: stories260K": f"{stress_intro}\n\n{stress_table(log)}",
+        "KV bytes of a Llama-3-8B-shaped model": f"{bytes_intro}\n\n{bytes_table()}",
+    }
 
 
 # -- command line --------------------------------------------------------------------------------------------------
@@ -249,63 +312,39 @@ def llama3_headlines(tokens: int) -> list[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.accuracy_sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--model")
-    parser.add_argument("--text", required=True)
-    parser.add_argument("--tokens", type=int, default=12288, help="perplexity: tokens scored per configuration")
-    parser.add_argument("--context", type=int, default=256, help="perplexity: window length")
-    parser.add_argument("--prompts", type=int, default=64, help="agreement: prompts")
-    parser.add_argument("--prompt-tokens", type=int, default=192, help="agreement: prompt length")
+    parser.add_argument("--text", required=True, help="held-out text: the reported perplexity, questions, prompts")
+    parser.add_argument("--tune-text", required=True, help="tuning text: the perplexity the defaults were chosen on")
+    parser.add_argument("--tokens", type=int, default=2048, help="perplexity: tokens scored per configuration")
+    parser.add_argument("--context", type=int, default=512, help="perplexity: window length")
+    parser.add_argument("--questions", type=int, default=300, help="next-word questions from the held-out pass")
+    parser.add_argument("--min-position", type=int, default=128, help="next-word questions: earliest position")
+    parser.add_argument("--prompts", type=int, default=32, help="agreement: prompts")
+    parser.add_argument("--prompt-tokens", type=int, default=256, help="agreement: prompt length")
     parser.add_argument("--max-tokens", type=int, default=64, help="agreement: greedy tokens per prompt")
-    parser.add_argument("--attention-tokens", type=int, default=512, help="attention error: prompt tokens")
-    parser.add_argument("--decode-steps", type=int, default=64, help="attention error: decode steps measured")
+    parser.add_argument("--stress-model", help="a second, tiny model run as a stress test (stories260K)")
+    parser.add_argument("--stress-text", default="../shared/data/tinystories_val.txt")
+    parser.add_argument("--stress-tokens", type=int, default=4096)
+    parser.add_argument("--stress-context", type=int, default=256)
     parser.add_argument("--results", default="results/accuracy/results.jsonl", help="JSON lines, resumable")
+    parser.add_argument("--shard", default="0/1", help="K/N: run every N-th measurement from the K-th")
     parser.add_argument("--write", help="markdown file whose generated sections are replaced")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for tiny models)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy CPU)")
     return parser.parse_args(argv)
-
-
-def sections(args: argparse.Namespace, model_name: str, layers: int, ppl: list[dict], agree: list[dict],
-             attention: list[dict], sinks: list[dict], focus: list[dict]) -> dict[str, str]:
-    """The generated markdown sections, by title."""
-    ppl_intro = (f"{model_name}, {ppl[0]['tokens']} tokens in windows of {args.context}. Bytes: one {args.context}-"
-                 f"token window's KV over all {layers} layers (pool memory and serialized wire), per token.")
-    agree_intro = (f"{model_name}, {agree[0]['prompts']} prompts of {args.prompt_tokens - 63}-{args.prompt_tokens} "
-                   f"tokens (mean {agree[0]['prompt_tokens']:.1f}), {args.max_tokens} greedy tokens each, compared "
-                   "with fp16 KV.")
-    attention_intro = (f"4 query heads on 1 KV head, head_dim 128, 4 outlier key channels, a {args.attention_tokens}"
-                       f"-token prompt, error over {args.decode_steps} decode steps.")
-    sink_intro = f"The same, with token 0 an attention sink (`--sink-tokens 1`, about 40% of the attention)."
-    focus_intro = (f"{model_name}, {PROFILE_WINDOWS} windows of {args.context} tokens prefilled with float KV "
-                   f"(`common.eval.attention_profile`); mean over heads and over queries at positions >= 64.")
-    bytes_intro = ("32 layers, 8 KV heads, head_dim 128, one sequence of 4096 tokens. Memory counts the stored code "
-                   "sums, the wire does not carry them; the key axis does not change the bytes.")
-    return {
-        "Perplexity": f"{ppl_intro}\n\n{perplexity_table(ppl, ablations=False)}",
-        "Perplexity ablations": perplexity_table(ppl, ablations=True),
-        f"Where {model_name}'s attention goes": f"{focus_intro}\n\n{attention_profile.markdown_table(focus, 4, 64)}",
-        "Greedy agreement": f"{agree_intro}\n\n{agreement_table(agree)}",
-        "Attention error at head_dim 128": f"{attention_intro}\n\n{attention_table(attention)}",
-        "Attention error with an attention sink": f"{sink_intro}\n\n{attention_table(sinks)}",
-        "KV bytes of a Llama-3-8B-shaped model": f"{bytes_intro}\n\n{llama3_bytes_table(4096)}",
-    }
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    log = ResultLog(Path(args.results))
-    loaded = load_model(model_from_env(args.model), dtype="float32", device="cpu")
-    text = perplexity.read_text_prefix(args.text, args.tokens)
-    ppl = run_perplexity(loaded, log, text, args.context, args.tokens)
-    agree = run_agreement(loaded, log, args.text, args.prompts, args.prompt_tokens, args.max_tokens)
-    attention = run_attention_error(log, "attention_error", grid_configs() + ablation_configs(),
-                                    args.attention_tokens, args.decode_steps, sink_tokens=0)
-    sinks = run_attention_error(log, "attention_error_sink", sink_configs(), args.attention_tokens,
-                                args.decode_steps, sink_tokens=1)
-    focus = attention_profile.profile(loaded, text, args.context, PROFILE_WINDOWS, sinks=4, recent=64)
-    tables = sections(args, Path(loaded.path).name, loaded.config.num_layers, ppl, agree, attention, sinks, focus)
+    log, shard = ResultLog(Path(args.results)), Shard(args.shard)
+    run_all(args, log, shard)
+    log = ResultLog(Path(args.results))  # what other shards finished meanwhile
+    loaded_config = load_model(model_from_env(args.model), dtype="float32", device="cpu").config
+    shape = {"num_layers": loaded_config.num_layers, "num_kv_heads": loaded_config.num_kv_heads,
+             "head_dim": loaded_config.head_dim}
+    tables = sections(args, log, Path(model_from_env(args.model)).name, shape)
     for title, body in tables.items():
         print(f"\n## {title}\n\n{body}")
-        if args.write:
+        if args.write and shard.count == 1:
             write_section(args.write, title, body)
 
 

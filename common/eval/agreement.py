@@ -3,8 +3,9 @@
     python -m common.eval.agreement --model DIR --text FILE --kv-mode hack \
         [--prompts 32 --max-tokens 64 --prompt-tokens N [--spread-lengths]]
 
-Prompts come from the paragraphs of the text file: by default the first sentence of each
-paragraph; with --prompt-tokens N, the first N tokens of the text from each paragraph's start
+Prompts come from the paragraphs of the text file: blocks separated by blank lines, or, in a file
+without blank lines (one paragraph per line, e.g. WikiText), its non-empty lines. By default a
+prompt is the first sentence of each paragraph; with --prompt-tokens N, the first N tokens of the text from each paragraph's start
 on (running into the next paragraphs), so that the prompt's KV alone fills compressed
 partitions. --spread-lengths then cuts prompt i by (29 i mod Π) tokens: how full the 16-bit
 open partition is when generation starts decides when the first flush to codes happens, and
@@ -12,13 +13,15 @@ equal prompt lengths would make that moment the same for every prompt.
 
 For each prompt both configurations generate --max-tokens greedy tokens (EOS ignored); the
 first position where the token ids differ is the divergence (= max-tokens when identical).
-The last stdout line is JSON with the mean divergence position and the fraction of identical
-outputs. Bad input exits with status 2 and a one-line error.
+The last stdout line is JSON with the number of prompts used (fewer than --prompts when the text
+runs out; stderr says so), the mean divergence position and the fraction of identical outputs.
+Bad input exits with status 2 and a one-line error.
 """
 from __future__ import annotations
 
 import argparse
 import bisect
+import re
 import json
 import sys
 
@@ -34,9 +37,12 @@ _TEXT_LIMIT = 1 << 22  # characters read from the text file
 
 
 def read_paragraphs(path: str, count: int | None = None) -> list[str]:
-    """The first `count` (default: all) non-empty paragraphs, blank-line separated, of the file."""
+    """The first `count` (default: all) non-empty paragraphs of the file: blank-line separated blocks, or the
+    non-empty lines of a file that has no blank line (one paragraph per line)."""
     with open(path, encoding="utf-8") as handle:
-        paragraphs = [p.strip() for p in handle.read(_TEXT_LIMIT).split("\n\n")]
+        text = handle.read(_TEXT_LIMIT).replace("\r\n", "\n")
+    separator = "\n\n" if re.search(r"\n[ \t]*\n", text.strip()) else "\n"
+    paragraphs = [p.strip() for p in re.split(r"\n[ \t]*\n" if separator == "\n\n" else "\n", text)]
     return [p for p in paragraphs if p][:count]
 
 
@@ -134,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.prompt_tokens is None or args.prompt_tokens <= kv_config.partition:
                 raise ValueError("--spread-lengths needs --prompt-tokens longer than the partition")
             prompts = spread_lengths(prompts, kv_config.partition)
+        if len(prompts) < args.prompts:
+            print(f"note: the text gives {len(prompts)} prompts of the {args.prompts} asked for", file=sys.stderr)
         result = agreement(loaded, kv_config, prompts, args.max_tokens)
+        result["prompts_requested"] = args.prompts
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

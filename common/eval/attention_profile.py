@@ -76,7 +76,7 @@ def causal_probabilities(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def profile(loaded: LoadedModel, text: str, context: int, windows: int, sinks: int, recent: int) -> list[dict]:
     """Per layer: mean share of attention on the first `sinks` tokens and on the last `recent` tokens."""
-    tokens = text_windows(loaded.tokenizer, text, context, windows * context, loaded.config.bos_token_id)
+    tokens = text_windows(loaded.tokenizer, text, context, windows * context)
     tokens = [w for w in tokens if len(w) == context][:windows]
     if not tokens:
         raise ValueError(f"the text is too short for one window of {context} tokens")

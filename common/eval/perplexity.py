@@ -3,13 +3,15 @@
     python -m common.eval.perplexity --model DIR --text FILE --kv-mode {fp16,dequant,hack} \
         [--bits B --partition P --max-tokens N --context C]
 
-Teacher forcing through the decode path: the text is cut into windows of --context tokens
-(each starting with BOS); every token is fed as a decode step, so it attends to the cache
-exactly as it would in serving (compressed history, 16-bit open block, sinks). Windows run
-as one batch. The last stdout line is JSON with perplexity, tokens, kv_bytes, kv_wire_bytes
-and fp16_kv_bytes (the bytes of one full window's KV over all layers: pool memory, serialized
-for transfer, and uncompressed 16-bit). Bad input (missing or too short text, a context
-outside the model's window) exits with status 2 and a one-line error.
+Teacher forcing through the decode path: the text is tokenized exactly as the tokenizer encodes
+it and cut into windows of --context tokens, each starting with the special tokens the tokenizer
+itself puts in front of a text (a BOS for Llama-2-style tokenizers, nothing for SmolLM2's); every
+token is fed as a decode step, so it attends to the cache exactly as it would in serving
+(compressed history, 16-bit sinks, recent window and open partition). Windows run as one batch.
+The last stdout line is JSON with the perplexity, the tokens scored, and the bytes of one full
+window's KV over all layers: kv_bytes / fp16_kv_bytes (pool memory, this mode and fp16 mode) and
+wire_bytes / fp16_wire_bytes (serialized for transfer, wire.py). Bad input (missing or too short
+text, a context outside the model's window) exits with status 2 and a one-line error.
 
 On a CPU shared with other work, OMP_NUM_THREADS=1 is much faster for small models.
 """
@@ -20,6 +22,7 @@ import json
 import math
 import sys
 import time
+from typing import Callable
 
 import torch
 
@@ -32,12 +35,24 @@ from common.kv.interface import ForwardBatch
 from common.loader import LoadedModel, load_model
 
 
-def text_windows(tokenizer, text: str, context: int, max_tokens: int, bos: int | None) -> list[list[int]]:
-    """Consecutive windows of at most `context` tokens (BOS first when the model has one) whose
-    predicted tokens (all but each window's first) number min(max_tokens, what the text has)."""
+def leading_special_tokens(tokenizer, text: str) -> list[int]:
+    """The ids the tokenizer puts in front of `text` when it encodes it with its special tokens (e.g. [BOS])."""
     body = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-    prefix = [bos] if bos is not None else []
+    full = list(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
+    starts = [i for i in range(len(full) - len(body) + 1) if full[i:i + len(body)] == body]
+    return full[:starts[0]] if starts else []
+
+
+def text_windows(tokenizer, text: str, context: int, max_tokens: int) -> list[list[int]]:
+    """Consecutive windows of at most `context` tokens whose predicted tokens (all but each window's first)
+    number min(max_tokens, what the text has). Each window starts with the special tokens the tokenizer puts in
+    front of a text (none for SmolLM2, BOS for Llama-2-style tokenizers): a window is scored as the tokenizer
+    would encode it on its own."""
+    body = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    prefix = leading_special_tokens(tokenizer, text[:256])
     step = context - len(prefix)
+    if step < 1:
+        raise ValueError(f"--context {context} leaves no room after the tokenizer's {len(prefix)} leading tokens")
     windows: list[list[int]] = []
     start, remaining = 0, max_tokens
     while remaining > 0 and start < len(body):
@@ -57,8 +72,13 @@ def read_text_prefix(path: str, max_tokens: int) -> str:
         return handle.read(max(64 * max_tokens, 4096))
 
 
-def window_nll(loaded: LoadedModel, kv_config: KVConfig, windows: list[list[int]]) -> tuple[float, int]:
-    """Sum of negative log-likelihoods of every token after the first, and their count."""
+LogitsProbe = Callable[[list[int], int, torch.Tensor], None]
+
+
+def window_nll(loaded: LoadedModel, kv_config: KVConfig, windows: list[list[int]],
+               probe: LogitsProbe | None = None) -> tuple[float, int]:
+    """Sum of negative log-likelihoods of every token after the first, and their count. `probe(live, position,
+    logits)` sees each step's logits [len(live), vocab] (row r predicts windows[live[r]][position + 1])."""
     device = next(loaded.model.parameters()).device
     backend = backend_for_sequences(loaded, kv_config, [len(w) for w in windows])
     nll, count = 0.0, 0
@@ -71,6 +91,8 @@ def window_nll(loaded: LoadedModel, kv_config: KVConfig, windows: list[list[int]
             logits = loaded.model(tokens, batch, backend)
         targets = torch.tensor([windows[i][position + 1] for i in live], device=device)
         nll += float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
+        if probe is not None:
+            probe(live, position, logits)
         count += len(live)
         for i in live:
             if position + 2 == len(windows[i]):
@@ -83,23 +105,32 @@ def evaluate(loaded: LoadedModel, kv_config: KVConfig, text: str, context: int, 
         raise ValueError(f"--context must be in [2, {loaded.config.context_window}], got {context}")
     if max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {max_tokens}")
-    windows = text_windows(loaded.tokenizer, text, context, max_tokens, loaded.config.bos_token_id)
+    windows = text_windows(loaded.tokenizer, text, context, max_tokens)
     if not windows:
         raise ValueError("the text is too short: it gives no window of at least 2 tokens")
     start = time.perf_counter()
     nll, count = window_nll(loaded, kv_config, windows)
-    layout = KVLayout(kv_config, loaded.config.num_kv_heads, loaded.config.head_dim)
-    layers = loaded.config.num_layers
     return {
         "perplexity": math.exp(nll / count),
         "tokens": count,
         "windows": len(windows),
         "context": context,
-        "kv_bytes": layout.memory_bytes(context, layers),
-        "kv_wire_bytes": layout.wire_bytes(context, layers),
-        "fp16_kv_bytes": layout.fp16_bytes(context, layers),
+        **kv_bytes(loaded, kv_config, context),
         "seconds": round(time.perf_counter() - start, 2),
         "kv_config": kv_config.__dict__,
+    }
+
+
+def kv_bytes(loaded: LoadedModel, kv_config: KVConfig, num_tokens: int) -> dict[str, int]:
+    """Bytes of one sequence of num_tokens over all layers: pool memory and wire, this mode's and fp16's."""
+    cfg = loaded.config
+    layout = KVLayout(kv_config, cfg.num_kv_heads, cfg.head_dim)
+    fp16 = KVLayout(KVConfig(mode="fp16"), cfg.num_kv_heads, cfg.head_dim)
+    return {
+        "kv_bytes": layout.memory_bytes(num_tokens, cfg.num_layers),
+        "fp16_kv_bytes": fp16.memory_bytes(num_tokens, cfg.num_layers),
+        "wire_bytes": layout.wire_bytes(num_tokens, cfg.num_layers),
+        "fp16_wire_bytes": fp16.wire_bytes(num_tokens, cfg.num_layers),
     }
 
 

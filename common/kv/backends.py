@@ -14,11 +14,11 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from common.kv.format import Cache, LayerKV, quantize_tokens, recompute_sums
+from common.kv.format import Cache, LayerKV, quantize_tokens, recompute_sums, rotation_matrices
 from common.kv.interface import ForwardBatch, KVBackend
 from common.kv.ops import dispatch
 from common.kv.pool import KVPool
-from common.kv.reference import gather_rows, write_rows
+from common.kv.reference import gather_rows, rotate_heads, write_rows
 from common.kv.torch_fast import select_sequences
 
 
@@ -198,11 +198,27 @@ class CompressedKVBackend(PagedKVBackend):
     """HACK storage; attention on the codes (mode "hack") or on dequantized K/V (mode "dequant").
 
     With quantized_prefill off, multi-token forwards attend in float to the new tokens' original K/V (plus the
-    previously stored tokens, dequantized); only decode then reads the compressed form.
+    previously stored tokens, dequantized); only decode then reads the compressed form. With rotate, K, V and q
+    enter rotated per KV head and the output leaves rotated back (format.py), so the ops never see the rotation.
     """
+
+    def __init__(self, pool: KVPool, dtype: torch.dtype, softmax_scale: float | None = None) -> None:
+        super().__init__(pool, dtype, softmax_scale)
+        self.rotations = None
+        if self.config.rotate:
+            self.rotations = rotation_matrices(self.layout.num_kv_heads, self.layout.head_dim,
+                                               self.config.seed).to(pool.device)
 
     def _attend(self, cache: Cache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
                 t: BatchTensors) -> torch.Tensor:
+        if self.rotations is None:
+            return self._attend_stored(cache, q, k, v, batch, t)
+        q, k, v = (rotate_heads(x, self.rotations) for x in (q, k, v))
+        return rotate_heads(self._attend_stored(cache, q, k, v, batch, t), self.rotations, inverse=True)
+
+    def _attend_stored(self, cache: Cache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
+                       t: BatchTensors) -> torch.Tensor:
+        """Store k, v and attend, all in the stored (possibly rotated) basis."""
         float_seqs = [] if self.config.quantized_prefill else [i for i, n in enumerate(batch.num_new) if n > 1]
         contexts = [self._stored_float(cache, t, i) for i in float_seqs]  # read before the new tokens land
         self._op("store_compressed_kv")(k, v, t.cu_new, t.num_cached, t.block_tables, t.state_slots, cache,

@@ -14,12 +14,20 @@ from typing import Literal
 KVMode = Literal["fp16", "dequant", "hack"]
 KeyAxis = Literal["token", "channel"]
 Rounding = Literal["nearest", "stochastic"]
+Ranges = Literal["minmax", "mse"]
 
 MODES: tuple[str, ...] = ("fp16", "dequant", "hack")
 BITS: tuple[int, ...] = (2, 4, 8)
 PARTITIONS: tuple[int, ...] = (32, 64, 128)
 KEY_AXES: tuple[str, ...] = ("token", "channel")
 ROUNDINGS: tuple[str, ...] = ("nearest", "stochastic")
+RANGES: tuple[str, ...] = ("minmax", "mse")
+
+
+# The paper's HACK format (2 bits, Π=64 with the defaults): min/max ranges, no rotation, no 16-bit window; also
+# what the Triton kernels implement (ops.kernel_gap). KVConfig(**PAPER_SETTING) or the flags
+# --ranges minmax --no-rotate --window 0 select it.
+PAPER_SETTING = {"ranges": "minmax", "rotate": False, "window": 0}
 
 
 @dataclass(frozen=True)
@@ -33,11 +41,22 @@ class KVConfig:
     # and 2.8x less attention error at head_dim 128 with outlier key channels.
     key_axis: KeyAxis = "channel"
     rounding: Rounding = "nearest"
+    # each K/V partition's [min, min + scale * (2^b - 1)]: its min and max, or the clipped range of least squared
+    # error (format.CLIP_GRID; values outside are clamped): the same bytes, costs only quantization time.
+    # "mse", window=128 and rotate are the defaults, chosen by perplexity on SmolLM2-135M (docs/accuracy.md);
+    # PAPER_SETTING gives back the paper's plain 2-bit, Π=64 format.
+    ranges: Ranges = "mse"
     num_sinks: int = 4  # first tokens kept 16-bit: halves the attention error with a sink token (docs/accuracy.md)
+    # most recent tokens kept 16-bit beyond the open partition (KIVI's residual; docs/accuracy.md): a token is
+    # quantized once `window` newer tokens follow its partition
+    window: int = 128
+    # K and V rotated per KV head by a seeded randomized Hadamard matrix before they are stored (QuaRot/QuIP#):
+    # q·k and P·V are unchanged (q is rotated alike, the output rotated back), outliers spread over channels
+    rotate: bool = True
     sum_elimination: bool = True  # store per-partition code sums instead of recomputing them at every attention
     requant_elimination: bool = True  # keep the open partition 16-bit instead of requantizing it every step
     quantized_prefill: bool = True  # prefill attends to the stored (compressed) K/V, not the original float K/V
-    seed: int = 0  # seeds stochastic rounding
+    seed: int = 0  # seeds stochastic rounding and the rotation's signs
 
     def __post_init__(self) -> None:
         if self.block_size == 0:
@@ -47,12 +66,15 @@ class KVConfig:
         _check_choice("partition", self.partition, PARTITIONS)
         _check_choice("key_axis", self.key_axis, KEY_AXES)
         _check_choice("rounding", self.rounding, ROUNDINGS)
+        _check_choice("ranges", self.ranges, RANGES)
         if self.block_size < 0 or self.block_size % self.partition:
             raise ValueError(
                 f"block_size must be a positive multiple of partition={self.partition}, got {self.block_size}"
             )
         if self.num_sinks < 0:
             raise ValueError(f"num_sinks must be >= 0, got {self.num_sinks}")
+        if self.window < 0:
+            raise ValueError(f"window must be >= 0, got {self.window}")
 
     @property
     def compressed(self) -> bool:

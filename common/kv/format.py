@@ -2,7 +2,9 @@
 
 Quantization (asymmetric, b bits, one partition of Π values x):
     m = min x, s = (max x - m) / (2^b - 1), q = round((x - m) / s) in [0, 2^b - 1], x ≈ s*q + m.
-Stored m and s are fp16. m is rounded toward -inf and s toward +inf when cast, so that every x lies inside
+With config.ranges="mse" the range [lo, hi] of each K/V partition is not its min/max but the pair of least squared
+error among lo = min + a (max - min), hi = max - b (max - min) for a, b in CLIP_GRID (values outside are clamped
+to the end codes); the bytes are the same. Stored m and s are fp16. m is rounded toward -inf and s toward +inf when cast, so that every x lies inside
 [m, m + s*(2^b - 1)] and the nearest-rounding error is at most s/2 with the *stored* s. A constant partition
 stores s = 0 and codes 0 (exactly x = m). Stochastic rounding: q = floor((x - m)/s + u), u ~ U[0, 1) from a
 torch.Generator, so E[s*q + m] = x.
@@ -24,13 +26,23 @@ Per layer pool tensors, `nb` pages; a page holds bs tokens of one layer for all 
     The *_sums tensors exist only with sum_elimination (else attention recomputes them from the codes).
 Per sequence state (compressed modes), indexed by the sequence's state slot, fp16:
     sink_k, sink_v  [max_seqs, Hkv, num_sinks, D]  the first num_sinks tokens, never quantized
-    tail_k, tail_v  [max_seqs, Hkv, Π, D]          the open partition: tokens after the sinks that do not fill a
-                                                   partition of Π yet; quantized once when it fills
+    tail_k, tail_v  [max_seqs, Hkv, Π + W, D]      the tail: the W = config.window most recent tokens (a KIVI-style
+                                                   16-bit recent window, 0 by default) and before them the open
+                                                   partition, tokens that do not fill a partition of Π yet; the
+                                                   oldest Π tail tokens are quantized once when the tail reaches
+                                                   Π + W tokens, so it holds between W and Π + W - 1 of them
+Tail tokens are stored in order from the first unquantized one (compressed index = quantized count).
 Token at position pos >= num_sinks has compressed index c = pos - num_sinks, stored in page
 block_table[c // bs] at slot c % bs (fp16 mode: num_sinks is ignored, c = pos). Pages are allocated for every
 compressed index, including the tail's, so a tail flush never needs a new page. With requant_elimination off the
 tail is also quantized into its page slots at every step (a partial token group has its own s/m over the tokens
 present) and attention reads those codes instead of the tail.
+
+Rotation (config.rotate): what is stored for KV head h is k·M_h and v·M_h (rows), M_h = `rotation_matrices`'
+[h], an orthogonal D x D matrix (a seeded randomized Hadamard one: diag(±1)·H/√D; a seeded random orthogonal
+one where D is not a power of two). Queries are rotated alike (q·M_h·(k·M_h)ᵀ = q·kᵀ) and each attention output
+rotated back (P·(V·M_h)·M_hᵀ = P·V), so every op above runs unchanged on rotated data; sinks and tail hold
+rotated fp16 values too. Sender and receiver derive M from (seed, Hkv, D): both must agree on rotate and seed.
 
 Wire (wire.py), one chunk = one page of one layer (only its filled slots, always whole partitions in the
 compressed modes) or the sequence state of one layer (sinks + tail). Little-endian throughout:
@@ -73,21 +85,30 @@ class Quantized(NamedTuple):
     minimum: torch.Tensor
 
 
+CLIP_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)  # fractions of a partition's range tried off each end
+
+
 def quantize(
     x: torch.Tensor,
     bits: int,
     rounding: str = "nearest",
     generator: torch.Generator | None = None,
     param_dtype: torch.dtype | None = STORAGE_DTYPE,
+    ranges: str = "minmax",
 ) -> Quantized:
     """Quantize x asymmetrically with one partition = the whole last dim.
 
     Returns codes uint8 [..., P] and scale/minimum [...] in param_dtype (None keeps fp32, for Q and P which are
     never stored). The codes are computed against the rounded parameters, so dequantize() is what gets stored.
+    ranges="mse" clips each partition's range to the least squared error (module doc).
     """
     levels = 2**bits - 1
     xf = x.float()
     lo, hi = xf.amin(-1), xf.amax(-1)
+    if ranges == "mse":
+        lo, hi = least_error_range(xf, lo, hi, levels)
+    elif ranges != "minmax":
+        raise ValueError(f"unknown ranges {ranges!r}")
     minimum = lo if param_dtype is None else _cast_toward(lo, param_dtype, down=True)
     scale = (hi - minimum.float()) / levels
     if param_dtype is not None:
@@ -104,6 +125,27 @@ def quantize(
     return Quantized(codes, scale, minimum)
 
 
+def least_error_range(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                      levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per partition (last dim of x), the clipped [lo', hi'] of least squared round-to-nearest error among
+    lo' = lo + a (hi - lo), hi' = hi - b (hi - lo) for a, b in CLIP_GRID; (a, b) = (0, 0) wins ties."""
+    width = hi - lo
+    best_lo, best_hi, best_error = lo, hi, None
+    for a in CLIP_GRID:
+        for b in CLIP_GRID:
+            low, high = lo + a * width, hi - b * width
+            step = ((high - low) / levels).clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+            codes = ((x - low.unsqueeze(-1)) / step).round_().clamp_(0, levels)
+            error = (codes.mul_(step).add_(low.unsqueeze(-1)).sub_(x)).square_().sum(-1)
+            if best_error is None:
+                best_error = error
+                continue
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_lo, best_hi = torch.where(better, low, best_lo), torch.where(better, high, best_hi)
+    return best_lo, best_hi
+
+
 def dequantize(q: Quantized) -> torch.Tensor:
     """fp32 values s*q + m of a `quantize` result."""
     return q.codes.float() * q.scale.float().unsqueeze(-1) + q.minimum.float().unsqueeze(-1)
@@ -115,6 +157,20 @@ def _cast_toward(x: torch.Tensor, dtype: torch.dtype, down: bool) -> torch.Tenso
     wrong = y.float() > x if down else y.float() < x
     limit = torch.full_like(y, -math.inf if down else math.inf)
     return torch.where(wrong, torch.nextafter(y, limit), y)
+
+
+def rotation_matrices(num_kv_heads: int, head_dim: int, seed: int) -> torch.Tensor:
+    """[Hkv, D, D] fp32 orthogonal matrices M_h (see the module doc): signs from torch.Generator(seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (num_kv_heads, head_dim, 1), generator=gen).float() * 2 - 1
+    if head_dim & (head_dim - 1) == 0:
+        hadamard = torch.ones(1, 1)
+        while hadamard.shape[0] < head_dim:  # Sylvester: [[H, H], [H, -H]]
+            hadamard = torch.cat([torch.cat([hadamard, hadamard], 1), torch.cat([hadamard, -hadamard], 1)], 0)
+        return signs * hadamard / math.sqrt(head_dim)
+    gaussian = torch.randn(num_kv_heads, head_dim, head_dim, generator=gen, dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    return (signs * q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)).float()
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -173,13 +229,19 @@ class TokenSplit(NamedTuple):
     tail: int
 
 
+def quantized_count(rest: int, config: KVConfig) -> int:
+    """Of `rest` tokens after the sinks, how many are quantized: the whole partitions that leave at least
+    config.window tokens behind them (the tail keeps the window plus the open partition)."""
+    return max(0, rest - config.window) // config.partition * config.partition
+
+
 def split_tokens(num_tokens: int, config: KVConfig) -> TokenSplit:
-    """Sinks, whole partitions and open tail of a sequence of num_tokens (fp16 mode: all tokens are paged)."""
+    """Sinks, whole partitions and 16-bit tail of a sequence of num_tokens (fp16 mode: all tokens are paged)."""
     if not config.compressed:
         return TokenSplit(0, num_tokens, 0)
     sinks = min(num_tokens, config.num_sinks)
     rest = num_tokens - sinks
-    quantized = rest - rest % config.partition
+    quantized = quantized_count(rest, config)
     return TokenSplit(sinks, quantized, rest - quantized)
 
 
@@ -229,7 +291,7 @@ class KVLayout:
         if not self.config.compressed:
             return {}
         h, d = self.num_kv_heads, self.head_dim
-        sinks, tail = (h, self.num_sinks, d), (h, self.config.partition, d)
+        sinks, tail = (h, self.num_sinks, d), (h, self.config.partition + self.config.window, d)
         return {"sink_k": sinks, "sink_v": sinks, "tail_k": tail, "tail_v": tail}
 
     def split(self, num_tokens: int) -> TokenSplit:
@@ -295,12 +357,12 @@ def quantize_tokens(
     pd = config.head_partition(d)
     rows: dict[str, torch.Tensor] = {}
     if config.key_axis == "token":
-        kq = quantize(k.unflatten(-1, (-1, pd)), bits, config.rounding, generator)
+        kq = quantize(k.unflatten(-1, (-1, pd)), bits, config.rounding, generator, ranges=config.ranges)
         k_codes = kq.codes.flatten(-2)
     else:
-        kq = _quantize_token_groups(k, pi, bits, config.rounding, generator)
+        kq = _quantize_token_groups(k, pi, bits, config.rounding, generator, config.ranges)
         k_codes = kq.codes
-    vq = _quantize_token_groups(v, pi, bits, config.rounding, generator)
+    vq = _quantize_token_groups(v, pi, bits, config.rounding, generator, config.ranges)
     rows["k_codes"], rows["k_scale"], rows["k_min"] = pack_codes(k_codes, bits), kq.scale, kq.minimum
     rows["v_codes"], rows["v_scale"], rows["v_min"] = pack_codes(vq.codes, bits), vq.scale, vq.minimum
     if with_sums:
@@ -310,13 +372,14 @@ def quantize_tokens(
 
 
 def _quantize_token_groups(
-    x: torch.Tensor, partition: int, bits: int, rounding: str, generator: torch.Generator | None
+    x: torch.Tensor, partition: int, bits: int, rounding: str, generator: torch.Generator | None,
+    ranges: str = "minmax",
 ) -> Quantized:
     """Per channel over groups of `partition` tokens: x [H, n, D] -> codes [H, n, D], scale/min [H, groups, D]."""
     parts = []
     for start in range(0, x.shape[1], partition):
         group = x[:, start : start + partition].transpose(1, 2)  # [H, D, tokens]: partition along the last dim
-        q = quantize(group, bits, rounding, generator)
+        q = quantize(group, bits, rounding, generator, ranges=ranges)
         parts.append(Quantized(q.codes.transpose(1, 2), q.scale.unsqueeze(1), q.minimum.unsqueeze(1)))
     return Quantized(*(torch.cat(t, dim=1) for t in zip(*parts)))
 

@@ -11,8 +11,9 @@ op keeps the signature of its torch reference in reference.py. Routing:
     fp16_attention, hack_attention, dequant_attention), unless TRITON_INTERPRET=1 is set when the op is dispatched: then the
     same Triton kernels run in Triton's interpreter (how the tests check them without a GPU). CUDA tensors run
     torch_fast.py's fp16-mode ops (the uncompressed baseline has no kernel).
-  * What the kernels do not implement (stochastic rounding in the append, head_dim not a power of two >= 8)
-    falls back to the reference with a one-time warning, so a configuration never fails for lack of a kernel.
+  * What the kernels do not implement (stochastic rounding or clipped ranges in the append, a 16-bit recent
+    window, head_dim not a power of two >= 8) falls back to the vectorized torch ops of torch_fast.py (any device)
+    with a one-time warning, so a configuration never fails for lack of a kernel.
 Everything else (causal_attention, dequantize_sequence) runs the reference, the
 ground truth all others are tested against; HACK_KV_OPS=reference routes every op there (e.g. to check a run
 end to end). `register` overrides any route for a device type, keeping the reference signature.
@@ -78,6 +79,8 @@ def kernel_gap(config: KVConfig, head_dim: int) -> str | None:
     """Why the Triton kernels cannot serve this configuration, or None when they can."""
     if head_dim < 8 or head_dim & (head_dim - 1):
         return f"head_dim={head_dim} is not a power of two >= 8"
+    if config.window:
+        return "the kernels read a tail of one partition (window=0)"
     return None
 
 
@@ -88,9 +91,11 @@ def triton_store_compressed_kv(k: torch.Tensor, v: torch.Tensor, cu_new: torch.T
     gap = kernel_gap(config, k.shape[-1])
     if gap is None and config.rounding != "nearest":
         gap = "stochastic rounding replays a torch.Generator"
+    if gap is None and config.ranges != "minmax":
+        gap = "the kernel quantizes to each partition's min/max (ranges=minmax)"
     if gap is not None:
         _warn_fallback("store_compressed_kv", gap)
-        return reference.store_compressed_kv(*args)
+        return torch_fast.store_compressed_kv(*args)
     from common.kv.triton_quantize_append import quantize_append
 
     quantize_append(*args)
@@ -102,7 +107,7 @@ def triton_hack_attention(q: torch.Tensor, cu_q: torch.Tensor, seq_lens: torch.T
     gap = kernel_gap(config, q.shape[-1])
     if gap is not None:
         _warn_fallback("hack_attention", gap)
-        return reference.hack_attention(q, cu_q, seq_lens, block_tables, state_slots, cache, config, softmax_scale)
+        return torch_fast.hack_attention(q, cu_q, seq_lens, block_tables, state_slots, cache, config, softmax_scale)
     if _is_decode(q, seq_lens):
         from common.kv.triton_decode_attention import hack_decode_attention
 

@@ -12,9 +12,9 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from common.kv.config import BITS, KEY_AXES, MODES, PARTITIONS, ROUNDINGS, KVConfig
+from common.kv.config import BITS, KEY_AXES, MODES, PARTITIONS, RANGES, ROUNDINGS, KVConfig
 
-_VALUE_FLAGS = ("bits", "partition", "key_axis", "rounding", "num_sinks")  # "--key-axis" sets key_axis, ...
+_VALUE_FLAGS = ("bits", "partition", "key_axis", "rounding", "ranges", "num_sinks", "window")  # "--key-axis" sets key_axis, ...
 _SWITCH_VALUES = {"1": True, "true": True, "0": False, "false": False}
 
 
@@ -29,12 +29,20 @@ def add_kv_arguments(parser: argparse.ArgumentParser, default_mode: str = "hack"
                "K partitions run along tokens per channel (channel) or along head_dim per token (token)")
     _add_value(parser, group, "--rounding", "HACK_KV_ROUNDING", str, ROUNDINGS, KVConfig.rounding,
                "quantization rounding")
+    _add_value(parser, group, "--ranges", "HACK_KV_RANGES", str, RANGES, KVConfig.ranges,
+               "each K/V partition's range: min/max, or clipped to the least squared error")
     _add_value(parser, group, "--num-sinks", "HACK_KV_NUM_SINKS", int, None, KVConfig.num_sinks,
                "first tokens kept 16-bit")
+    _add_value(parser, group, "--window", "HACK_KV_WINDOW", int, None, KVConfig.window,
+               "most recent tokens kept 16-bit beyond the open partition")
     _add_switch(parser, group, "--no-sum-elimination", "HACK_KV_NO_SUM_ELIMINATION",
                 "ablation: recompute code sums at every attention")
     _add_switch(parser, group, "--no-requant-elimination", "HACK_KV_NO_REQUANT_ELIMINATION",
                 "ablation: requantize the open partition at every step")
+    default = _env_value(parser, "HACK_KV_ROTATE", _switch, KVConfig.rotate)
+    group.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=default,
+                       help="rotate K and V per head (randomized Hadamard) before quantizing them; --no-rotate is "
+                            "the ablation (env HACK_KV_ROTATE=1/0; default %(default)s)")
     default = _env_value(parser, "HACK_KV_QUANTIZED_PREFILL", _switch, KVConfig.quantized_prefill)
     group.add_argument("--quantized-prefill", action=argparse.BooleanOptionalAction, default=default,
                        help="prefill attends to the stored codes, as the paper does; --no-quantized-prefill attends "
@@ -45,8 +53,9 @@ def kv_config_from_args(args: argparse.Namespace) -> KVConfig:
     """The KVConfig the parsed flags select; ValueError when the combination is invalid."""
     return KVConfig(
         mode=args.kv_mode, bits=args.bits, partition=args.partition, key_axis=args.key_axis,
-        rounding=args.rounding, num_sinks=args.num_sinks, sum_elimination=not args.no_sum_elimination,
-        requant_elimination=not args.no_requant_elimination, quantized_prefill=args.quantized_prefill,
+        rounding=args.rounding, ranges=args.ranges, num_sinks=args.num_sinks, window=args.window,
+        sum_elimination=not args.no_sum_elimination, requant_elimination=not args.no_requant_elimination, quantized_prefill=args.quantized_prefill,
+        rotate=args.rotate,
     )
 
 
@@ -59,7 +68,8 @@ def kv_flags(config: KVConfig, leave_out: tuple[str, ...] = ()) -> list[str]:
                   if getattr(config, name) != getattr(KVConfig, name)]
         switches = (("--no-sum-elimination", not config.sum_elimination),
                     ("--no-requant-elimination", not config.requant_elimination),
-                    ("--no-quantized-prefill", not config.quantized_prefill))
+                    ("--no-quantized-prefill", not config.quantized_prefill),
+                    ("--rotate" if config.rotate else "--no-rotate", config.rotate != KVConfig.rotate))
         pairs += [(flag, None) for flag, on in switches if on]
     return [part for flag, value in pairs if flag not in leave_out for part in (flag, value) if part is not None]
 
@@ -91,7 +101,7 @@ def _env_value(parser: argparse.ArgumentParser, variable: str, parse: Callable[[
 
 def _parse(text: str, convert: Callable[[str], Any], choices: Sequence[Any] | None) -> Any:
     """`text` as the flag would take it: converted, then checked against the choices; the flags without
-    choices are counts (--num-sinks), so they must be integers >= 0."""
+    choices are counts (--num-sinks, --window), so they must be integers >= 0."""
     try:
         value = convert(text)
     except ValueError:

@@ -33,7 +33,8 @@ from __future__ import annotations
 import torch
 
 from common.kv.config import KVConfig
-from common.kv.format import Cache, Quantized, dequantize, quantize, quantize_tokens, split_tokens, unpack_codes
+from common.kv.format import (Cache, Quantized, dequantize, quantize, quantize_tokens, quantized_count, split_tokens,
+                              unpack_codes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,8 +159,8 @@ def store_compressed_kv(
 ) -> None:
     """dequant/hack modes: append the new tokens k, v [T, Hkv, D] of each sequence.
 
-    The first num_sinks positions go to the sinks; the rest stream through the open tail, and every partition of
-    Π tokens that fills is quantized once into its page slots (tail flush). With requant_elimination off, the
+    The first num_sinks positions go to the sinks; the rest stream through the 16-bit tail, and every partition of
+    Π tokens that leaves config.window newer tokens behind it is quantized once into its page slots (tail flush). With requant_elimination off, the
     open partition is also requantized into its page slots from the 16-bit tail.
     """
     for i in range(len(num_cached)):
@@ -170,17 +171,17 @@ def store_compressed_kv(
 
 def _append_sequence(k: torch.Tensor, v: torch.Tensor, cached: int, block_table: torch.Tensor, slot: int,
                      cache: Cache, config: KVConfig, generator: torch.Generator | None) -> None:
-    pi, bs, sinks = config.partition, config.block_size, config.num_sinks
+    bs, sinks = config.block_size, config.num_sinks
     new_sinks = max(0, min(sinks - cached, k.shape[1]))
     if new_sinks:
         cache["sink_k"][slot, :, cached : cached + new_sinks] = k[:, :new_sinks]
         cache["sink_v"][slot, :, cached : cached + new_sinks] = v[:, :new_sinks]
     first = max(cached - sinks, 0)  # compressed index of the first new non-sink token
-    open_len = first % pi
-    group_start = first - open_len
+    group_start = quantized_count(first, config)  # the first tail token's compressed index
+    open_len = first - group_start
     stream_k = torch.cat([cache["tail_k"][slot, :, :open_len], k[:, new_sinks:].to(cache["tail_k"].dtype)], 1)
     stream_v = torch.cat([cache["tail_v"][slot, :, :open_len], v[:, new_sinks:].to(cache["tail_v"].dtype)], 1)
-    full = stream_k.shape[1] - stream_k.shape[1] % pi
+    full = quantized_count(group_start + stream_k.shape[1], config) - group_start
     with_sums = config.sum_elimination
     if full:
         rows = quantize_tokens(stream_k[:, :full], stream_v[:, :full], config, generator, with_sums)
@@ -374,6 +375,22 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_
     qh = _group_queries(q.float(), k.shape[0])
     probs = _causal_softmax(qh @ k.float().mT * softmax_scale, k.shape[1], nq)
     return _ungroup_queries(probs @ v.float(), nq).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rotation (config.rotate): applied around the ops, which then run unchanged on rotated K, V and q
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def rotate_heads(x: torch.Tensor, rotations: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """x [T, H, D] times M_h (inverse: M_hᵀ) of its KV head, rotations [Hkv, D, D]; H is a multiple of Hkv (the
+    G query heads of a KV head share its matrix). Computed in fp32, returned in x's dtype."""
+    hkv = rotations.shape[0]
+    if x.shape[1] % hkv:
+        raise ValueError(f"{x.shape[1]} heads are not a multiple of {hkv} KV heads")
+    matrices = rotations.mT if inverse else rotations
+    grouped = x.float().unflatten(1, (hkv, x.shape[1] // hkv))  # [T, Hkv, G, D]
+    return torch.einsum("tkgd,kde->tkge", grouped, matrices.to(x.device)).flatten(1, 2).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

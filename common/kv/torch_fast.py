@@ -204,8 +204,8 @@ def store_compressed_kv(k: torch.Tensor, v: torch.Tensor, cu_new: torch.Tensor, 
     (sinks, tail flushes, multi-token appends, the requantizing ablation) goes through the reference in batch
     order, so stochastic rounding draws the same numbers."""
     counts = cu_new[1:] - cu_new[:-1]
-    open_len = (num_cached - config.num_sinks) % config.partition
-    in_tail = (counts == 1) & (num_cached >= config.num_sinks) & (open_len < config.partition - 1)
+    open_len = tail_lengths(num_cached - config.num_sinks, config)
+    in_tail = (counts == 1) & (num_cached >= config.num_sinks) & (open_len < config.partition + config.window - 1)
     if not config.requant_elimination:  # every append also requantizes the open partition into the pages
         in_tail = torch.zeros_like(in_tail)
     if in_tail.any():
@@ -255,8 +255,13 @@ def stored_counts(seq_lens: torch.Tensor, config: KVConfig) -> tuple[torch.Tenso
     rest = seq_lens - sinks
     if not config.requant_elimination:
         return sinks, rest, torch.zeros_like(rest)
-    tail = rest % config.partition
+    tail = tail_lengths(rest, config)
     return sinks, rest - tail, tail
+
+
+def tail_lengths(rest: torch.Tensor, config: KVConfig) -> torch.Tensor:
+    """format.split_tokens' tail for [B] counts of tokens after the sinks (negative counts give garbage)."""
+    return rest - (rest - config.window).clamp(min=0) // config.partition * config.partition
 
 
 def read_compressed(cache: Cache, seq_lens: torch.Tensor, block_tables: torch.Tensor, state_slots: torch.Tensor,

@@ -1,58 +1,77 @@
 """bench/accuracy_sweep.py: what it measures, its resumable results log and its tables (no model runs here)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
-from bench.accuracy_sweep import (ResultLog, ablation_configs, agreement_configs, base_of, grid_configs,
-                                  llama3_bytes_table, perplexity_table, sink_configs)
-from common.kv.config import KVConfig
+import pytest
+
+from bench.accuracy_sweep import (ACCURATE, PAPER, ResultLog, Shard, agreement_configs, byte_shares, bytes_table,
+                                  pareto_front, pareto_table, rotation_configs, stress_configs, sweep_configs)
+from common.kv.config import PAPER_SETTING, KVConfig
+
+SMOLLM2 = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64}
 
 
-def test_every_ablation_differs_from_a_grid_row_in_one_setting() -> None:
-    grid = grid_configs()
-    assert len(grid) == 1 + 2 * 2 * 3 * 2 and len(set(grid)) == len(grid)
-    for config in ablation_configs() + agreement_configs() + sink_configs():
-        assert base_of(config) in grid
-        changed = [f for f in KVConfig.__dataclass_fields__ if getattr(config, f) != getattr(base_of(config), f)]
-        assert len(changed) <= 1
+def test_the_sweep_holds_fp16_the_paper_setting_the_defaults_and_each_technique_alone() -> None:
+    configs = sweep_configs()
+    assert len(set(configs)) == len(configs)
+    assert configs[0] == KVConfig(mode="fp16") and PAPER in configs and KVConfig() in configs
+    assert PAPER == KVConfig(**PAPER_SETTING) and ACCURATE == KVConfig()
+    for change in ({"ranges": "mse"}, {"rotate": True}, {"window": 128}):
+        assert dataclasses.replace(PAPER, **change) in configs
+    for config in agreement_configs() + stress_configs() + rotation_configs():
+        assert config.mode in ("fp16", "hack")
+    assert len(set(rotation_configs())) == 8
 
 
 def test_result_log_runs_each_measurement_once_and_resumes(tmp_path) -> None:
     path = tmp_path / "r.jsonl"
     calls = []
     log = ResultLog(path)
-    row = log.get_or_run("perplexity", KVConfig(num_sinks=0), lambda: calls.append(1) or {"perplexity": 5.0,
-                                                                                          "tokens": 3, "seconds": 1})
-    assert row["flags"] == "--kv-mode hack --num-sinks 0" and calls == [1]
-    again = ResultLog(path).get_or_run("perplexity", KVConfig(num_sinks=0), lambda: calls.append(2) or {})
+    row = log.get_or_run("tune", PAPER, lambda: calls.append(1) or {"perplexity": 5.0, "tokens": 3, "seconds": 1})
+    assert row["kv_config"] == dataclasses.asdict(PAPER) and calls == [1]
+    again = ResultLog(path).get_or_run("tune", PAPER, lambda: calls.append(2) or {})
     assert again == row and calls == [1]
-    assert [json.loads(line)["kind"] for line in path.read_text().splitlines()] == ["perplexity"]
+    assert ResultLog(path).get("heldout", PAPER) is None
+    assert [json.loads(line)["kind"] for line in path.read_text().splitlines()] == ["tune"]
 
 
-def fake_row(config: KVConfig, perplexity: float, kv_bytes: int) -> dict:
-    return {"perplexity": perplexity, "context": 10, "kv_bytes": kv_bytes, "kv_wire_bytes": kv_bytes // 2,
-            "fp16_kv_bytes": 1000, "kv_config": config.__dict__}
+def test_shards_split_the_measurements() -> None:
+    shards = [Shard("0/2"), Shard("1/2")]
+    picks = [[shard.mine() for _ in range(5)] for shard in shards]
+    assert picks == [[True, False, True, False, True], [False, True, False, True, False]]
+    with pytest.raises(ValueError, match="--shard"):
+        Shard("2/2")
 
 
-def test_perplexity_tables_compare_with_fp16_and_with_the_grid_row() -> None:
-    hack = KVConfig(mode="hack", key_axis="token")
-    rows = [fake_row(KVConfig(mode="fp16"), 4.0, 1000), fake_row(hack, 5.0, 300),
-            fake_row(KVConfig(mode="hack", key_axis="token", num_sinks=0), 5.5, 290)]
-    grid = perplexity_table(rows, ablations=False).splitlines()
-    assert len(grid) == 4
-    assert grid[3] == "| hack | 2 | 64 | token | - | 5.000 | +25.0% | 30 | 15 | 30.0 | 15.0 |"
-    ablations = perplexity_table(rows, ablations=True).splitlines()
-    assert ablations[2] == "| hack | 2 | 64 | token | --num-sinks 0 | 5.500 | +10.0% | 29 | 14 | 29.0 | 14.5 |"
+def test_pareto_front() -> None:
+    assert pareto_front([(20, 5.0), (17, 8.0), (20, 6.0), (100, 4.0), (30, 5.0)]) == [True, True, False, True,
+                                                                                       False]
 
 
-def test_llama3_table_states_the_two_bit_wire_share() -> None:
-    # one layer, 8 KV heads x head_dim 128, 4096 tokens = 4 sinks + 63 partitions of 64 + a 60-token tail:
-    # a page chunk is 2 x 16,384 B of codes + 4 x 2,048 B of scales/minimums + 34 B of header and CRC;
-    # the state chunk is 64 fp16 tokens of K and V = 262,144 B + 34 B
-    assert 63 * (2 * 16_384 + 4 * 2_048 + 34) + 262_144 + 34 == 2_844_800
-    table = llama3_bytes_table(4096)
-    assert "| 2 | 64 | 96.5 | 86.8 | 18.85 | 16.96 |" in table
-    assert "2,844,800 bytes on the wire vs 16,777,216 bytes of fp16 K and V = **16.96%**" in table
-    # sums: 8 B per token and head (K: 2 partitions, V: 128 channels / 64 tokens, int16) on top of 80 B of codes,
-    # scales and minimums, and the 16-bit sinks and open partition
-    assert "+9.0% memory" in table
+def fake_rows(log: ResultLog, config: KVConfig, tune: float, heldout: float) -> None:
+    log.get_or_run("tune", config, lambda: {"perplexity": tune, "tokens": 10})
+    log.get_or_run("heldout", config, lambda: {"perplexity": heldout, "tokens": 10, "accuracy": 0.5})
+
+
+def test_pareto_table_rows_compare_with_fp16(tmp_path) -> None:
+    log = ResultLog(tmp_path / "r.jsonl")
+    fake_rows(log, KVConfig(mode="fp16"), 4.0, 8.0)
+    fake_rows(log, PAPER, 5.0, 12.0)
+    fake_rows(log, ACCURATE, 4.1, 8.2)
+    lines = pareto_table(log, SMOLLM2).splitlines()
+    assert len(lines) == 5 and lines[2].startswith("| `--kv-mode fp16` | 8.000 | +0.0% | 4.000 | +0.0% | 50.0% ")
+    paper = next(line for line in lines if "--window 0" in line)
+    assert "| 12.000 | +50.0% | 5.000 | +25.0% |" in paper and paper.endswith("| yes |")
+    accurate = next(line for line in lines if line.startswith("| `--kv-mode hack` "))
+    assert "| 8.200 | +2.5% | 4.100 | +2.5% |" in accurate and "| 19.59 | 21.97 |" in accurate
+
+
+def test_byte_shares_at_4096_tokens() -> None:
+    # Llama-3-8B shape, 2 bits, Π=64: 4 sinks, 63 quantized partitions, a 60-token tail (see docs/accuracy.md)
+    assert round(byte_shares(PAPER, 32, 8, 128)[0], 2) == 16.95
+    wire, memory = byte_shares(ACCURATE, 32, 8, 128)
+    assert wire <= 20 and round(wire, 2) == 19.59 and round(memory, 2) == 21.97
+    table = bytes_table()
+    assert "| `--kv-mode hack` | 112.5 | 100.3 | 21.97 | 19.59 |" in table

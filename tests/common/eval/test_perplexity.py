@@ -26,7 +26,7 @@ def text(tinystories_text) -> str:
 
 def test_windows_cover_exactly_max_tokens(stories_model, text) -> None:
     tokenizer, bos = stories_model.tokenizer, stories_model.config.bos_token_id
-    windows = text_windows(tokenizer, text, context=17, max_tokens=40, bos=bos)
+    windows = text_windows(tokenizer, text, context=17, max_tokens=40)  # stories260K's tokenizer adds a BOS
     assert [len(w) for w in windows] == [17, 17, 9]  # 16 + 16 + 8 predicted tokens
     assert all(w[0] == bos for w in windows)
     body = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -34,8 +34,31 @@ def test_windows_cover_exactly_max_tokens(stories_model, text) -> None:
 
 
 def test_windows_stop_at_the_end_of_a_short_text(stories_model) -> None:
-    windows = text_windows(stories_model.tokenizer, "Tom had a red ball.", 17, 1000, stories_model.config.bos_token_id)
+    windows = text_windows(stories_model.tokenizer, "Tom had a red ball.", 17, 1000)
     assert len(windows) == 1 and 3 < len(windows[0]) < 17
+
+
+class NoBosTokenizer:
+    """Encodes characters as ids and adds no special token (as SmolLM2's tokenizer)."""
+
+    def __call__(self, text: str, add_special_tokens: bool = True, verbose: bool = True) -> dict:
+        return {"input_ids": [ord(c) for c in text]}
+
+
+class BosEosTokenizer(NoBosTokenizer):
+    def __call__(self, text: str, add_special_tokens: bool = True, verbose: bool = True) -> dict:
+        ids = super().__call__(text)["input_ids"]
+        return {"input_ids": [1, *ids, 2] if add_special_tokens else ids}
+
+
+def test_windows_add_no_bos_the_tokenizer_does_not_add() -> None:
+    windows = text_windows(NoBosTokenizer(), "abcdefghij", context=4, max_tokens=100)
+    assert windows == [[97, 98, 99, 100], [101, 102, 103, 104], [105, 106]]
+
+
+def test_windows_start_with_the_tokenizers_leading_tokens_only() -> None:
+    windows = text_windows(BosEosTokenizer(), "abcdefg", context=4, max_tokens=100)
+    assert windows == [[1, 97, 98, 99], [1, 100, 101, 102], [1, 103]]  # BOS yes, EOS no
 
 
 def test_fp16_json_fields(capsys, stories260k, tinystories_text) -> None:
@@ -45,7 +68,7 @@ def test_fp16_json_fields(capsys, stories260k, tinystories_text) -> None:
     assert 3.5 < result["perplexity"] < 5.5  # stories260K on TinyStories val at context 256: ~4-5
     assert (result["tokens"], result["windows"], result["context"]) == (255, 1, 256)
     assert result["kv_bytes"] == result["fp16_kv_bytes"] == 256 * STORIES_BYTES_PER_TOKEN_FP16
-    assert result["kv_wire_bytes"] == KVLayout(KVConfig(mode="fp16"), 4, 8).wire_bytes(256, 5)
+    assert result["wire_bytes"] == result["fp16_wire_bytes"] == KVLayout(KVConfig(mode="fp16"), 4, 8).wire_bytes(256, 5)
     assert result["kv_config"]["mode"] == "fp16" and result["seconds"] >= 0
 
 
@@ -64,9 +87,10 @@ def test_compressed_modes_are_no_better_than_fp16(stories_model, text, fp16_resu
     assert result["perplexity"] < 3 * fp16_result["perplexity"]
     layout = KVLayout(config, num_kv_heads=4, head_dim=8)
     assert result["kv_bytes"] == layout.memory_bytes(97, 5)
-    assert result["kv_wire_bytes"] == layout.wire_bytes(97, 5)
-    assert result["fp16_kv_bytes"] == 97 * STORIES_BYTES_PER_TOKEN_FP16
-    assert result["kv_wire_bytes"] < result["fp16_kv_bytes"]
+    assert result["wire_bytes"] == layout.wire_bytes(97, 5)
+    assert result["fp16_kv_bytes"] == KVLayout(KVConfig(mode="fp16"), 4, 8).memory_bytes(97, 5)
+    assert result["fp16_wire_bytes"] == KVLayout(KVConfig(mode="fp16"), 4, 8).wire_bytes(97, 5)
+    assert result["wire_bytes"] < result["fp16_wire_bytes"]
 
 
 def test_two_bit_memory_matches_a_hand_count(stories_model, text) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.kv.config import KVConfig
+from common.kv.config import PAPER_SETTING, KVConfig
 from common.kv.format import (KVLayout, code_sums, dequantize, pack_codes, quantize, quantize_tokens,
                               unpack_codes)
 
@@ -69,7 +69,7 @@ def test_code_sums_along_any_dim() -> None:
 
 @pytest.mark.parametrize("key_axis", ["token", "channel"])
 def test_quantize_tokens_shapes_and_partial_group(key_axis: str) -> None:
-    cfg = KVConfig(key_axis=key_axis, partition=32)
+    cfg = KVConfig(**PAPER_SETTING, key_axis=key_axis, partition=32)
     k, v = torch.randn(2, 45, 64), torch.randn(2, 45, 64)  # one full group of 32 and a partial one of 13
     rows = quantize_tokens(k, v, cfg)
     layout = KVLayout(cfg, 2, 64)
@@ -83,33 +83,34 @@ def test_quantize_tokens_shapes_and_partial_group(key_axis: str) -> None:
 
 
 def test_config_validation_gives_clear_errors() -> None:
-    assert KVConfig().block_size == 64 and KVConfig(partition=32).block_size == 32
+    assert KVConfig(**PAPER_SETTING).block_size == 64 and KVConfig(**PAPER_SETTING, partition=32).block_size == 32
     with pytest.raises(ValueError, match="bits"):
-        KVConfig(bits=3)
+        KVConfig(**PAPER_SETTING, bits=3)
     with pytest.raises(ValueError, match="block_size"):
-        KVConfig(partition=64, block_size=96)
+        KVConfig(**PAPER_SETTING, partition=64, block_size=96)
     with pytest.raises(ValueError, match="mode"):
-        KVConfig(mode="int4")
+        KVConfig(**PAPER_SETTING, mode="int4")
     with pytest.raises(ValueError, match="unknown KV config keys"):
         KVConfig.from_dict({"bitz": 2})
     assert KVConfig.from_dict({"bits": 4, "key_axis": "channel"}) == KVConfig(bits=4, key_axis="channel")
     with pytest.raises(ValueError, match="head_dim"):
-        KVLayout(KVConfig(partition=32), 4, 48)
+        KVLayout(KVConfig(**PAPER_SETTING, partition=32), 4, 48)
 
 
 def test_token_split_and_pages() -> None:
-    layout = KVLayout(KVConfig(partition=32, block_size=64, num_sinks=4), 2, 64)
+    layout = KVLayout(KVConfig(**PAPER_SETTING, partition=32, block_size=64, num_sinks=4), 2, 64)
     assert layout.split(3) == (3, 0, 0)
     assert layout.split(4 + 64 + 32 + 5) == (4, 96, 5)
     assert layout.page_token_counts(4 + 64 + 32 + 5) == [64, 32]
     assert layout.blocks_for(4 + 64 + 32 + 5) == 2
-    fp16 = KVLayout(KVConfig(mode="fp16", partition=32, num_sinks=4), 2, 64)
+    fp16 = KVLayout(KVConfig(**PAPER_SETTING, mode="fp16", partition=32, num_sinks=4), 2, 64)
     assert fp16.split(70) == (0, 70, 0) and fp16.page_token_counts(70) == [32, 32, 6]
 
 
 @pytest.mark.parametrize("key_axis", ["token", "channel"])
 def test_llama3_8b_layer_wire_bytes_are_under_17_percent_of_fp16(key_axis: str) -> None:
-    layout = KVLayout(KVConfig(bits=2, partition=64, key_axis=key_axis, num_sinks=0), num_kv_heads=8, head_dim=128)
+    layout = KVLayout(KVConfig(**PAPER_SETTING, bits=2, partition=64, key_axis=key_axis, num_sinks=0), num_kv_heads=8,
+                      head_dim=128)
     n = 4096
     # per token and KV head: 32 + 32 code bytes, 8 bytes of K scale/min, 8 of V scale/min (over 64 tokens)
     payload = n * 8 * (32 + 32 + 8 + 8)
@@ -123,7 +124,7 @@ def test_llama3_8b_layer_wire_bytes_are_under_17_percent_of_fp16(key_axis: str) 
 
 
 def test_default_config_wire_bytes_with_sinks_and_an_open_tail() -> None:
-    layout = KVLayout(KVConfig(), num_kv_heads=8, head_dim=128)  # channel keys, 4 sinks
+    layout = KVLayout(KVConfig(**PAPER_SETTING), num_kv_heads=8, head_dim=128)  # channel keys, 4 sinks
     assert layout.split(4096) == (4, 4032, 60)  # 60 tokens stay 16-bit until their partition fills
     assert layout.wire_bytes(4096) / layout.fp16_bytes(4096) == pytest.approx(0.169563, abs=1e-6)
     assert layout.wire_bytes(4100) / layout.fp16_bytes(4100) == pytest.approx(0.157205, abs=1e-6)

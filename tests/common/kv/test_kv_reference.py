@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common.kv import reference
-from common.kv.config import KVConfig
+from common.kv.config import PAPER_SETTING, KVConfig
 from common.kv.format import Quantized, dequantize, quantize
 
 
@@ -64,7 +64,7 @@ CASES = [  # (q heads, kv heads, head_dim, tokens, sinks): GQA 1/2/4/8, 1 token,
 def test_hack_attention_matches_float_attention_on_the_same_dequantized_kv(
     filled, key_axis: str, requant: bool, hq: int, hkv: int, d: int, n: int, sinks: int
 ) -> None:
-    cfg = KVConfig(key_axis=key_axis, partition=32, block_size=64, num_sinks=sinks, requant_elimination=requant)
+    cfg = KVConfig(**PAPER_SETTING, key_axis=key_axis, partition=32, block_size=64, num_sinks=sinks, requant_elimination=requant)
     fc = filled(cfg, hkv, d, n, seed=n)
     q = torch.randn(n, hq, d)
     hack = reference.hack_attention(*_attention_args(fc, q, n))
@@ -83,7 +83,7 @@ def test_hack_attention_matches_float_attention_on_the_same_dequantized_kv(
 
 
 def test_decode_query_matches_last_row_of_prefill(filled) -> None:
-    cfg = KVConfig(partition=32, num_sinks=1)
+    cfg = KVConfig(**PAPER_SETTING, partition=32, num_sinks=1)
     fc = filled(cfg, 2, 64, 70)
     q = torch.randn(70, 4, 64)
     prefill = reference.hack_attention(*_attention_args(fc, q, 70))
@@ -94,7 +94,7 @@ def test_decode_query_matches_last_row_of_prefill(filled) -> None:
 
 @pytest.mark.parametrize("key_axis", ["token", "channel"])
 def test_sum_elimination_off_recomputes_identical_results(filled, key_axis: str) -> None:
-    on = KVConfig(partition=32, key_axis=key_axis)
+    on = KVConfig(**PAPER_SETTING, partition=32, key_axis=key_axis)
     off = dataclasses.replace(on, sum_elimination=False)
     fc_on, fc_off = filled(on, 2, 64, 75, seed=3), filled(off, 2, 64, 75, seed=3)
     assert "k_sums" in fc_on.cache and "k_sums" not in fc_off.cache
@@ -108,7 +108,7 @@ def test_sum_elimination_off_recomputes_identical_results(filled, key_axis: str)
 def test_appending_in_steps_stores_what_one_quantization_of_the_whole_sequence_stores(
     filled, key_axis: str, chunk: int
 ) -> None:
-    cfg = KVConfig(partition=32, block_size=64, num_sinks=3, key_axis=key_axis)
+    cfg = KVConfig(**PAPER_SETTING, partition=32, block_size=64, num_sinks=3, key_axis=key_axis)
     n = 3 + 64 + 32 + 17  # sinks, a full page, a half page, an open tail of 17
     whole, steps = filled(cfg, 2, 64, n), filled(cfg, 2, 64, n, chunk=chunk)
     assert torch.equal(whole.block_tables, steps.block_tables)
@@ -121,7 +121,7 @@ def test_appending_in_steps_stores_what_one_quantization_of_the_whole_sequence_s
 
 
 def test_requant_off_requantizes_the_open_partition_every_step(filled) -> None:
-    cfg = KVConfig(partition=32, num_sinks=0, requant_elimination=False)
+    cfg = KVConfig(**PAPER_SETTING, partition=32, num_sinks=0, requant_elimination=False)
     fc = filled(cfg, 2, 64, 45, chunk=1)  # one full partition and 13 tokens of the next
     open_part = reference.quantize_tokens(fc.k[32:].transpose(0, 1).half(), fc.v[32:].transpose(0, 1).half(), cfg)
     page = int(fc.block_tables[0, 1])
@@ -141,8 +141,8 @@ def test_causal_attention_maps_each_query_head_to_its_kv_group() -> None:
 
 
 def test_stochastic_store_is_reproducible_with_the_seeded_generator(filled) -> None:
-    cfg = KVConfig(partition=32, rounding="stochastic")
+    cfg = KVConfig(**PAPER_SETTING, partition=32, rounding="stochastic")
     a, b = filled(cfg, 2, 64, 40, seed=5), filled(cfg, 2, 64, 40, seed=5)
     assert torch.equal(a.cache["k_codes"], b.cache["k_codes"])
-    nearest = filled(KVConfig(partition=32), 2, 64, 40, seed=5)
+    nearest = filled(KVConfig(**PAPER_SETTING, partition=32), 2, 64, 40, seed=5)
     assert not torch.equal(a.cache["k_codes"], nearest.cache["k_codes"])

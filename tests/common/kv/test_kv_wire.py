@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common.kv.config import KVConfig
+from common.kv.config import PAPER_SETTING, KVConfig
 from common.kv.factory import make_kv_backend
 from common.kv.format import WIRE_HEADER, KVLayout
 from common.kv.interface import ForwardBatch
@@ -29,10 +29,10 @@ def _prefilled(cfg: KVConfig, n: int):
 
 
 CONFIGS = [
-    KVConfig(partition=32, block_size=64, num_sinks=3),
-    KVConfig(partition=32, key_axis="channel", bits=4),
-    KVConfig(mode="dequant", partition=64),
-    KVConfig(mode="fp16", partition=32),
+    KVConfig(**PAPER_SETTING, partition=32, block_size=64, num_sinks=3),
+    KVConfig(**PAPER_SETTING, partition=32, key_axis="channel", bits=4),
+    KVConfig(**PAPER_SETTING, mode="dequant", partition=64),
+    KVConfig(**PAPER_SETTING, mode="fp16", partition=32),
 ]
 
 
@@ -52,7 +52,7 @@ def test_layer_round_trip_is_exact_and_sized_as_accounted(cfg: KVConfig, n: int)
 
 
 def test_import_from_the_wire_decodes_like_the_source() -> None:
-    cfg = KVConfig(partition=32, num_sinks=2)
+    cfg = KVConfig(**PAPER_SETTING, partition=32, num_sinks=2)
     source, target = _prefilled(cfg, 75), make_kv_backend(cfg, MODEL, "cpu", torch.float32, max_tokens=512)
     target.allocate_sequence(4, 75)
     for layer in range(MODEL.num_layers):
@@ -68,7 +68,7 @@ def test_import_from_the_wire_decodes_like_the_source() -> None:
 
 
 def test_checksum_mismatch_is_detected() -> None:
-    backend = _prefilled(KVConfig(partition=32), 40)
+    backend = _prefilled(KVConfig(**PAPER_SETTING, partition=32), 40)
     chunk = bytearray(encode_layer(backend.layout, 0, backend.export_layer(0, 0))[0])
     assert crc32(chunk[:-4]) == struct.unpack("<I", chunk[-4:])[0]
     chunk[WIRE_HEADER.size + 5] ^= 0x10
@@ -79,10 +79,10 @@ def test_checksum_mismatch_is_detected() -> None:
 
 
 def test_incompatible_layout_version_and_incomplete_layers_are_rejected() -> None:
-    backend = _prefilled(KVConfig(partition=32), 70)
+    backend = _prefilled(KVConfig(**PAPER_SETTING, partition=32), 70)
     chunks = encode_layer(backend.layout, 0, backend.export_layer(0, 0))
     with pytest.raises(WireFormatError, match="does not match"):
-        decode_chunk(KVLayout(KVConfig(partition=32, bits=4), 2, 64), chunks[0])
+        decode_chunk(KVLayout(KVConfig(**PAPER_SETTING, partition=32, bits=4), 2, 64), chunks[0])
     with pytest.raises(WireFormatError, match="page chunks"):
         decode_layer(backend.layout, chunks[1:])
     with pytest.raises(WireFormatError, match="state chunk"):

@@ -76,15 +76,15 @@ def _launch_every_kernel() -> None:
     from common.kv import triton_dequant_decode as dequant
     from common.kv import triton_prefill_attention as prefill
     from common.kv import triton_quantize_append as append
-    from common.kv.config import KVConfig
+    from common.kv.config import PAPER_SETTING, KVConfig
     from tests.common.kv.triton_support import cumulative, random_batch
 
     # config, KV heads, query heads per KV head, head_dim, decode splits (0: no decode launch), whole set
     cases = [  # every compile-time branch at least once, and no more compiles than that (~3 s each)
-        (KVConfig(partition=64, key_axis="channel", num_sinks=4), 8, 4, 128, 3, True),  # Llama-3-8B, default format
-        (KVConfig(partition=32, bits=8, key_axis="token", num_sinks=0, sum_elimination=False,
+        (KVConfig(**PAPER_SETTING, partition=64, key_axis="channel", num_sinks=4), 8, 4, 128, 3, True),  # Llama-3-8B, default format
+        (KVConfig(**PAPER_SETTING, partition=32, bits=8, key_axis="token", num_sinks=0, sum_elimination=False,
                   requant_elimination=False), 2, 8, 64, 1, True),
-        (KVConfig(partition=32, key_axis="token", num_sinks=0), 4, 2, 8, 1, False),  # tiny heads: no tl.dot
+        (KVConfig(**PAPER_SETTING, partition=32, key_axis="token", num_sinks=0), 4, 2, 8, 1, False),  # tiny heads: no tl.dot
     ]
     for config, num_kv_heads, group, head_dim, splits, everything in cases:
         batch, _ = random_batch(config, num_kv_heads, head_dim, [1, 70], seed=0)

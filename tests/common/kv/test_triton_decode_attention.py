@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from common.kv import reference
-from common.kv.config import KVConfig
+from common.kv.config import PAPER_SETTING, KVConfig
 from tests.common.kv.triton_support import (
     DEVICE, HOMOMORPHIC, assert_attention_close, fresh_seed, import_kernels, interpret, nan_like, random_batch,
 )
@@ -20,11 +20,11 @@ pytestmark = pytest.mark.usefixtures(interpret.__name__)
 
 CASES = [
     # config, KV heads, query heads per KV head, head_dim, sequence lengths, splits per sequence
-    pytest.param(KVConfig(partition=32, block_size=64, key_axis="token", num_sinks=0), 2, 4, 128, [1, 17, 130], 3,
+    pytest.param(KVConfig(**PAPER_SETTING, partition=32, block_size=64, key_axis="token", num_sinks=0), 2, 4, 128, [1, 17, 130], 3,
                  id="gqa4-token-3splits"),
-    pytest.param(KVConfig(partition=32, bits=4, key_axis="channel", num_sinks=4), 1, 8, 64, [2, 33, 130], None,
+    pytest.param(KVConfig(**PAPER_SETTING, partition=32, bits=4, key_axis="channel", num_sinks=4), 1, 8, 64, [2, 33, 130], None,
                  id="gqa8-channel-4bit-sinks"),
-    pytest.param(KVConfig(partition=128, bits=8, key_axis="channel", num_sinks=0, requant_elimination=False,
+    pytest.param(KVConfig(**PAPER_SETTING, partition=128, bits=8, key_axis="channel", num_sinks=0, requant_elimination=False,
                           sum_elimination=False), 4, 1, 128,
                  [1, 17, 130], 2, id="gqa1-8bit-ablations-2splits"),
 ]
@@ -50,7 +50,7 @@ def test_default_splits_fill_the_sms_without_tiny_splits(batch, max_tiles, expec
 
 
 def test_decode_rejects_more_than_one_query_per_sequence():
-    config = KVConfig(partition=32)
+    config = KVConfig(**PAPER_SETTING, partition=32)
     batch, _ = random_batch(config, 1, 64, [3, 4], fresh_seed())
     with pytest.raises(ValueError, match="one query per sequence"):
         decode.hack_decode_attention(torch.randn(3, 1, 64, device=DEVICE), batch.seq_lens, batch.block_tables,

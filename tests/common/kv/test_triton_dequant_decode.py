@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from common.kv import reference
-from common.kv.config import KVConfig
+from common.kv.config import PAPER_SETTING, KVConfig
 from tests.common.kv.triton_support import (
     DEVICE, FP16_ATTENTION, assert_attention_close, fresh_seed, import_kernels, interpret, nan_like, random_batch,
 )
@@ -14,9 +14,9 @@ dequant = import_kernels("triton_dequant_decode")
 pytestmark = pytest.mark.usefixtures(interpret.__name__)
 
 CASES = [
-    pytest.param(KVConfig(partition=32, block_size=64, key_axis="token", num_sinks=3), 2, 4, 64, [1, 17, 130], 3,
+    pytest.param(KVConfig(**PAPER_SETTING, partition=32, block_size=64, key_axis="token", num_sinks=3), 2, 4, 64, [1, 17, 130], 3,
                  id="gqa4-token-sinks-3splits"),
-    pytest.param(KVConfig(partition=64, bits=4, key_axis="channel", num_sinks=0, requant_elimination=False), 1, 8,
+    pytest.param(KVConfig(**PAPER_SETTING, partition=64, bits=4, key_axis="channel", num_sinks=0, requant_elimination=False), 1, 8,
                  128,
                  [1, 17, 130], None, id="gqa8-channel-4bit-requant"),
 ]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from common.kv import ops, reference, torch_fast
-from common.kv.config import KVConfig
+from common.kv.config import PAPER_SETTING, KVConfig
 from common.kv.factory import make_kv_backend
 from common.kv.interface import ForwardBatch
 from tests.common.kv.triton_support import (
@@ -48,7 +48,7 @@ def test_register_overrides_a_route(monkeypatch):
 
 @pytest.mark.usefixtures(interpret.__name__)
 def test_head_dim_without_a_kernel_falls_back_to_the_reference(caplog):
-    config = KVConfig(partition=32)
+    config = KVConfig(**PAPER_SETTING, partition=32)
     backend = make_kv_backend(config, SimpleNamespace(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=12),
                               DEVICE, torch.float32, max_tokens=64)
     batch = ForwardBatch.build([0], [0], [5], DEVICE)
@@ -77,8 +77,8 @@ def _route(monkeypatch: pytest.MonkeyPatch, to_kernels: bool, calls: list[str]) 
 
 
 @pytest.mark.parametrize("config, tolerance", [
-    pytest.param(KVConfig(mode="hack", partition=32, block_size=64, num_sinks=2), HOMOMORPHIC, id="hack"),
-    pytest.param(KVConfig(mode="dequant", partition=64, bits=4, key_axis="channel"), FP16_ATTENTION, id="dequant"),
+    pytest.param(KVConfig(**PAPER_SETTING, mode="hack", partition=32, block_size=64, num_sinks=2), HOMOMORPHIC, id="hack"),
+    pytest.param(KVConfig(**PAPER_SETTING, mode="dequant", partition=64, bits=4, key_axis="channel"), FP16_ATTENTION, id="dequant"),
 ])
 def test_backend_on_kernels_matches_backend_on_reference(monkeypatch, config, tolerance):
     shape = SimpleNamespace(num_layers=1, num_heads=8, num_kv_heads=2, head_dim=64)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.kv import reference
-from common.kv.config import KVConfig
+from common.kv.config import PAPER_SETTING, KVConfig
 from tests.common.kv.triton_support import (
     DEVICE, HOMOMORPHIC, assert_attention_close, cumulative, fresh_seed, import_kernels, interpret, nan_like,
     random_batch,
@@ -20,11 +20,11 @@ pytestmark = pytest.mark.usefixtures(interpret.__name__)
 
 CASES = [
     # config, KV heads, query heads per KV head, head_dim, tokens stored, of which new queries (None: all)
-    pytest.param(KVConfig(partition=32, block_size=64, key_axis="token", num_sinks=0), 2, 4, 64, [1, 17, 130], None,
+    pytest.param(KVConfig(**PAPER_SETTING, partition=32, block_size=64, key_axis="token", num_sinks=0), 2, 4, 64, [1, 17, 130], None,
                  id="gqa4-full-prefill"),
-    pytest.param(KVConfig(partition=32, bits=4, key_axis="channel", num_sinks=4), 2, 1, 128, [5, 17, 130],
+    pytest.param(KVConfig(**PAPER_SETTING, partition=32, bits=4, key_axis="channel", num_sinks=4), 2, 1, 128, [5, 17, 130],
                  [5, 1, 40], id="gqa1-channel-4bit-sinks-chunked"),
-    pytest.param(KVConfig(partition=64, bits=8, key_axis="token", num_sinks=1, requant_elimination=False,
+    pytest.param(KVConfig(**PAPER_SETTING, partition=64, bits=8, key_axis="token", num_sinks=1, requant_elimination=False,
                           sum_elimination=False), 1, 8, 64,
                  [1, 17, 130], [1, 17, 3], id="gqa8-8bit-ablations-chunked"),
 ]
@@ -44,7 +44,7 @@ def test_prefill_matches_reference(config, num_kv_heads, group, head_dim, seq_le
 
 
 def test_prefill_rejects_mismatched_offsets():
-    config = KVConfig(partition=32)
+    config = KVConfig(**PAPER_SETTING, partition=32)
     batch, _ = random_batch(config, 1, 64, [3, 4], fresh_seed())
     q = torch.randn(7, 2, 64, device=DEVICE)
     with pytest.raises(ValueError, match="cu_q"):

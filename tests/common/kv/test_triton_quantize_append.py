@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.kv import reference
-from common.kv.config import KVConfig
+from common.kv.config import PAPER_SETTING, KVConfig
 from common.kv.format import KVLayout
 from common.kv.pool import KVPool
 from tests.common.kv.triton_support import DEVICE, cumulative, fresh_seed, import_kernels, interpret, poison
@@ -19,12 +19,12 @@ pytestmark = pytest.mark.usefixtures(interpret.__name__)
 
 CASES = [
     # config, KV heads, head_dim, new tokens of each sequence in each call, input dtype
-    pytest.param(KVConfig(partition=32, block_size=64, key_axis="token", num_sinks=0), 2, 64,
+    pytest.param(KVConfig(**PAPER_SETTING, partition=32, block_size=64, key_axis="token", num_sinks=0), 2, 64,
                  [[1, 17, 130], [1, 1, 1], [40, 15, 33]],
                  torch.float32, id="token-axis-2bit"),
-    pytest.param(KVConfig(partition=32, bits=4, key_axis="channel", num_sinks=4, requant_elimination=False), 1, 128,
+    pytest.param(KVConfig(**PAPER_SETTING, partition=32, bits=4, key_axis="channel", num_sinks=4, requant_elimination=False), 1, 128,
                  [[3, 17, 70], [1, 1, 1], [30, 1, 47]], torch.bfloat16, id="channel-axis-4bit-sinks-requant"),
-    pytest.param(KVConfig(partition=64, bits=8, key_axis="token", num_sinks=1, sum_elimination=False, block_size=128),
+    pytest.param(KVConfig(**PAPER_SETTING, partition=64, bits=8, key_axis="token", num_sinks=1, sum_elimination=False, block_size=128),
                  4, 64,
                  [[1, 65, 130], [64, 1, 63]], torch.float16, id="8bit-no-sums"),
 ]
@@ -75,7 +75,7 @@ def test_append_writes_the_reference_bytes(config, num_kv_heads, head_dim, steps
 
 
 def test_append_rejects_what_it_cannot_store():
-    config = KVConfig(partition=32)
+    config = KVConfig(**PAPER_SETTING, partition=32)
     layout = KVLayout(config, 1, 64)
     cache = KVPool(layout, 1, 4, 2, DEVICE).layers[0]
     k = torch.randn(3, 1, 64, device=DEVICE)
@@ -83,7 +83,7 @@ def test_append_rejects_what_it_cannot_store():
                 block_tables=torch.zeros(1, 2, dtype=torch.int32, device=DEVICE),
                 state_slots=torch.zeros(1, dtype=torch.int64, device=DEVICE), cache=cache)
     with pytest.raises(ValueError, match="nearest rounding"):
-        append.quantize_append(k, k, **args, config=KVConfig(partition=32, rounding="stochastic"))
+        append.quantize_append(k, k, **args, config=KVConfig(**PAPER_SETTING, partition=32, rounding="stochastic"))
     with pytest.raises(ValueError, match="block_tables"):
         append.quantize_append(k, k, **(args | dict(block_tables=args["block_tables"].float())), config=config)
     with pytest.raises(ValueError, match="k_codes"):  # a pool built for another head_dim
