@@ -129,12 +129,16 @@ def read_keys(cache: Cache, seq_lens: torch.Tensor, block_tables: torch.Tensor, 
 
 def read_pages(cache: Cache, pages: torch.Tensor, n_paged: torch.Tensor, config: KVConfig,
                layout: str) -> dict[str, torch.Tensor]:
-    """The codes and parameters of the pages [B, np], fp32, group-major, channels in `channel_order` (the
-    "order" entry). layout "hack": k [g, BH, P, Π, Πd] (K codes per head_dim partition), v [g, BH, Π, D];
-    layout "dequant": k and v dequantized, [BH, g*Π, D]. Per-group fields [g, BH, D] (k_sums [g, BH, P, Π]).
-    Slots past a sequence's stored tokens hold zero V codes and unstored groups zero parameters (a zero
-    probability still enters the homomorphic sums, a stale NaN would poison them). Only packed bytes and
-    per-group parameters are gathered from the pool."""
+    """The codes and parameters of the pages [B, np] as fp32, channels in `channel_order` ("order" and "inverse"
+    entries), BH = B*Hkv, g = token groups, L = g*Π:
+      both layouts  v      [BH, L, D]   V's codes times their per-channel scale (exact in fp32); dequant adds
+                                        the minimum (the dequantized V)
+                    v_min  [BH, g, D],  sv_sums [BH, g, D] = V's scale times its code sums
+      "hack"        k      [g, BH, P, Π, Πd] K's codes per head_dim partition, k_scale/k_min [g, BH, D],
+                    k_sums [g, BH, P, Π]
+      "dequant"     k      [BH, L, D]   the dequantized K
+    Unstored groups get zero parameters (a stale NaN would poison the sums). Only packed bytes and per-group
+    parameters are gathered from the pool."""
     batch, num_pages = pages.shape
     pi, bs, bits = config.partition, config.block_size, config.bits
     heads, head_dim = cache["tail_k"].shape[1], cache["tail_k"].shape[-1]
@@ -143,61 +147,67 @@ def read_pages(cache: Cache, pages: torch.Tensor, n_paged: torch.Tensor, config:
     order, inverse = channel_order(head_dim, bits, parts)
     stored = torch.arange(groups * pi).view(groups, pi)[None] < n_paged[:, None, None]  # [B, g, Π]
     group_stored = stored[:, :, 0]  # [B, g]
-    out: dict[str, torch.Tensor] = {"order": order, "inverse": inverse}
+    params = {}
     for name in ("k_scale", "k_min", "v_scale", "v_min") + (("v_sums",) if config.sum_elimination else ()):
         rows = cache[name][pages].index_select(-1, order).float()  # [B, np, Hkv, bs/Π, D]
-        rows = rows.permute(1, 3, 0, 2, 4).contiguous().view(groups, batch, heads, head_dim)
-        out[name] = rows.masked_fill_(~group_stored.T[:, :, None, None], 0).view(groups, batch * heads, head_dim)
+        rows = rows.transpose(1, 2).contiguous().view(batch, heads, groups, head_dim)
+        params[name] = rows.masked_fill_(~group_stored[:, None, :, None], 0).view(batch * heads, groups, head_dim)
     codes = {}
     for name in ("k_codes", "v_codes"):
         packed = cache[name][pages]  # [B, np, Hkv, bs, W]: the only per-token gather, 2 bits a value
         packed = packed.view(batch, num_pages, heads, bs // pi, pi, packed.shape[-1]).permute(1, 3, 0, 2, 4, 5)
         codes[name] = unpack_bytes(packed, bits, parts).view(groups, batch, heads, pi, head_dim)
     k_codes, v_codes = codes["k_codes"], codes["v_codes"]
-    if not bool(stored.all()):
+    if not config.sum_elimination and not bool(stored.all()):
         v_codes = v_codes.masked_fill(~stored.permute(1, 0, 2)[:, :, None, :, None], 0)
+    out = {"order": order, "inverse": inverse, "v_min": params["v_min"]}
+    out["v"] = _scale_groups(v_codes, params["v_scale"], params["v_min"] if layout == "dequant" else None)
+    v_sums = params["v_sums"] if config.sum_elimination else v_codes.sum(3, dtype=torch.float32).permute(1, 2, 0, 3) \
+        .reshape(batch * heads, groups, head_dim)
+    out["sv_sums"] = params["v_scale"] * v_sums
     if layout == "dequant":
-        out["k"] = _dequantize_groups(k_codes, out["k_scale"], out["k_min"], batch, heads)
-        out["v"] = _dequantize_groups(v_codes, out["v_scale"], out["v_min"], batch, heads)
+        out["k"] = _scale_groups(k_codes, params["k_scale"], params["k_min"])
         return out
     k = torch.empty((groups, batch * heads, parts, pi, pd))
     k.view(groups, batch, heads, parts, pi, pd).copy_(k_codes.view(groups, batch, heads, pi, parts, pd)
                                                       .transpose(3, 4))
     out["k"] = k
-    out["v"] = v_codes.reshape(groups, batch * heads, pi, head_dim).float()
+    out["k_scale"], out["k_min"] = (params[name].transpose(0, 1).contiguous() for name in ("k_scale", "k_min"))
     if config.sum_elimination:
         sums = cache["k_sums"][pages].float()  # [B, np, Hkv, bs, P]
         sums = sums.view(batch, num_pages, heads, bs // pi, pi, parts).permute(1, 3, 0, 2, 5, 4)
         out["k_sums"] = sums.reshape(groups, batch * heads, parts, pi)
     else:
         out["k_sums"] = k.sum(-1)
-        out["v_sums"] = out["v"].sum(2)
     return out
 
 
-def _dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, batch: int,
-                       heads: int) -> torch.Tensor:
-    """s*q + m of codes [g, B, Hkv, Π, D] with per-group scale/min [g, BH, D] -> fp32 [BH, g*Π, D]."""
-    groups, pi, head_dim = codes.shape[0], codes.shape[3], codes.shape[4]
-    values = torch.empty((batch * heads, groups, pi, head_dim))
-    values.view(batch, heads, groups, pi, head_dim).copy_(codes.permute(1, 2, 0, 3, 4))
-    values.mul_(scale.transpose(0, 1)[:, :, None]).add_(minimum.transpose(0, 1)[:, :, None])
-    return values.view(batch * heads, groups * pi, head_dim)
+def _scale_groups(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> torch.Tensor:
+    """s*q (+ m) of codes [g, B, Hkv, Π, D] with per-group scale/min [BH, g, D] -> fp32 [BH, g*Π, D], the
+    conversion, the scaling and the layout change in one pass."""
+    groups, batch, heads, pi, head_dim = codes.shape
+    values = torch.empty((batch * heads, groups * pi, head_dim))
+    torch.mul(codes.permute(1, 2, 0, 3, 4), scale.view(batch, heads, groups, 1, head_dim),
+              out=values.view(batch, heads, groups, pi, head_dim))
+    if minimum is not None:
+        values.view(batch * heads, groups, pi, head_dim).add_(minimum.unsqueeze(2))
+    return values
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# INT8 quantization of the folded queries and of the probabilities
+# 8-bit quantization of the folded queries and of the probabilities
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def quantize_int8_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """reference.quantize_int8 over the last dim, in place: x becomes its signed codes (integer-valued fp32,
-    in [-128, 127]); returns (codes, scale, signed minimum) with the reference's operations in its order."""
-    lo, hi = x.amin(-1), x.amax(-1)  # two reductions: several times faster than torch.aminmax on CPU
+def quantize_u8_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """8-bit asymmetric quantization over the last dim, in place: x becomes its codes 0..255 (integer-valued
+    fp32); returns (codes, scale, minimum), x ≈ scale*codes + minimum. The reference's operations in its order
+    (reference.quantize_int8 stores the same codes minus 128, with the minimum plus 128*scale: the same values);
+    no clamp is needed, (x - min)/scale lies in [0, 255] up to rounding."""
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)  # two reductions: faster than torch.aminmax
     scale = (hi - lo) / 255
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    x.sub_(lo.unsqueeze(-1)).div_(safe.unsqueeze(-1)).round_().clamp_(0, 255).sub_(128)
-    return x, scale, lo + 128 * scale
+    x.sub_(lo).div_(torch.where(scale > 0, scale, torch.ones_like(scale))).round_()
+    return x, scale.squeeze(-1), lo.squeeze(-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,41 +215,45 @@ def quantize_int8_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def hack_scores(qh: torch.Tensor, pages: dict[str, torch.Tensor], groups: int) -> torch.Tensor:
-    """q·k of rows qh [BH, R, D] over the first `groups` key groups: [BH, R, groups*Π] (reference.hack_scores,
-    channel axis)."""
+def hack_scores(qh: torch.Tensor, pages: dict[str, torch.Tensor], groups: int, out: torch.Tensor) -> None:
+    """q·k of rows qh [BH, R, D] over the first `groups` key groups into out [BH, R, groups*Π]
+    (reference.hack_scores, channel axis): per group, q folded with K's scales and quantized to 8 bits per Πd
+    partition, the exact integer product with K's codes (integer-valued fp32 batched matmul), then
+    scale x product + minimum x code sums + q·mK (one small matmul)."""
     k = pages["k"][:groups]  # [g, BH, P, Π, Πd]
     _, bh, parts, pi, pd = k.shape
     rows = qh.shape[1]
     qh = qh.index_select(-1, pages["order"])  # the codes' channel order
-    folded = qh.view(bh, rows, parts, pd).transpose(1, 2).contiguous().unsqueeze(0) \
-        * pages["k_scale"][:groups].view(groups, bh, parts, 1, pd)  # [g, BH, P, R, Πd]
-    a, sa, ma = quantize_int8_(folded)
-    integer = torch.bmm(k.view(-1, pi, pd), a.view(-1, rows, pd).mT).mT.view(groups, bh, parts, rows, pi) \
-        if rows < pi else torch.bmm(a.view(-1, rows, pd), k.view(-1, pi, pd).mT).view(groups, bh, parts, rows, pi)
-    scores = integer.mul_(sa.unsqueeze(-1)).sum(2) if parts > 1 else integer.mul_(sa.unsqueeze(-1))[:, :, 0]
-    scores = scores.reshape(-1, rows, pi)  # [g*BH, R, Π]
-    scores.baddbmm_(ma.transpose(-1, -2).reshape(-1, rows, parts), pages["k_sums"][:groups].reshape(-1, parts, pi))
+    q_parts = qh.view(bh, rows, parts, pd).transpose(1, 2).contiguous()
+    folded = q_parts.unsqueeze(0) * pages["k_scale"][:groups].view(groups, bh, parts, 1, pd)  # [g, BH, P, R, Πd]
+    codes, scale, minimum = quantize_u8_(folded)
+    if rows < pi:  # decode: the longer side first is faster for such thin products
+        integer = torch.bmm(k.view(-1, pi, pd), codes.view(-1, rows, pd).mT).mT
+    else:
+        integer = torch.bmm(codes.view(-1, rows, pd), k.view(-1, pi, pd).mT)
+    integer = integer.view(groups, bh, parts, rows, pi)
+    scores = torch.mul(integer[:, :, 0], scale[:, :, 0, :, None])
+    for p in range(1, parts):
+        scores.addcmul_(integer[:, :, p], scale[:, :, p, :, None])
     offsets = torch.matmul(pages["k_min"][:groups].unsqueeze(2), qh.mT.unsqueeze(0))  # [g, BH, 1, R]: q·mK
-    scores = scores.view(groups, bh, rows, pi).add_(offsets.transpose(-1, -2))
-    return scores.permute(1, 2, 0, 3).reshape(bh, rows, groups * pi)
+    corrections = torch.cat([minimum.transpose(-1, -2), offsets.transpose(-1, -2)], dim=-1)  # [g, BH, R, P + 1]
+    sums = torch.cat([pages["k_sums"][:groups], torch.ones_like(pages["k_sums"][:groups, :, :1])], dim=2)
+    scores = scores.view(-1, rows, pi).baddbmm_(corrections.view(-1, rows, parts + 1), sums.view(-1, parts + 1, pi))
+    out.view(bh, rows, groups, pi).copy_(scores.view(groups, bh, rows, pi).permute(1, 2, 0, 3))
 
 
 def hack_pv(p: torch.Tensor, pages: dict[str, torch.Tensor], groups: int) -> torch.Tensor:
     """P·V of probabilities p [BH, R, groups*Π] over the first `groups` value groups: [BH, R, D]
-    (reference.hack_pv)."""
-    v = pages["v"][:groups]  # [g, BH, Π, D]
-    _, bh, pi, head_dim = v.shape
-    rows = p.shape[1]
-    a = p.view(bh, rows, groups, pi).permute(2, 0, 1, 3).contiguous()  # [g, BH, R, Π]
-    a, sp, mp = quantize_int8_(a)  # sp, mp [g, BH, R]
-    a_sums = a.sum(-1)
-    integer = torch.bmm(a.view(-1, rows, pi), v.view(-1, pi, head_dim)).view(groups, bh, rows, head_dim)
-    scale, minimum = pages["v_scale"][:groups], pages["v_min"][:groups]  # [g, BH, D]
-    out = integer.mul_(sp.unsqueeze(-1)).mul_(scale.unsqueeze(2)).sum(0)  # Σ_g sP sV Σ a v'
-    p_hat_sums = sp * a_sums + pi * mp  # Σ_t of the dequantized P per group: [g, BH, R]
-    out.baddbmm_(mp.permute(1, 2, 0), (scale * pages["v_sums"][:groups]).transpose(0, 1))  # Σ_g mP sV Σv'
-    out.baddbmm_(p_hat_sums.permute(1, 2, 0), minimum.transpose(0, 1))  # Σ_g (Σ p̂) mV
+    (reference.hack_pv): P quantized to 8 bits per row and group of Π, its codes times their scale against V's
+    codes times theirs in one matmul over all groups (fp32 accumulation), plus minimum x (scale x code sums)
+    and (Σ dequantized P) x V's minimum as small matmuls over the groups."""
+    bh, rows, length = p.shape
+    pi = length // groups if groups else 1
+    codes = p.reshape(bh, rows, groups, pi).clone()
+    codes, scale, minimum = quantize_u8_(codes)  # scale, minimum [BH, R, g]
+    p_hat_sums = torch.addcmul(pi * minimum, scale, codes.sum(-1))  # Σ_t of the dequantized P per group
+    out = torch.bmm(codes.mul_(scale.unsqueeze(-1)).view(bh, rows, length), pages["v"][:, :length])
+    out.baddbmm_(minimum, pages["sv_sums"][:, :groups]).baddbmm_(p_hat_sums, pages["v_min"][:, :groups])
     return out.index_select(-1, pages["inverse"])
 
 
@@ -247,28 +261,35 @@ def hack_pv(p: torch.Tensor, pages: dict[str, torch.Tensor], groups: int) -> tor
 # Attention over sinks, pages and tail
 # ---------------------------------------------------------------------------------------------------------------
 
-PagedScores = Callable[[torch.Tensor, int], torch.Tensor]  # (rows, visible groups) -> [BH, R, groups*Π]
+PagedScores = Callable[[torch.Tensor, int, torch.Tensor], None]  # (rows, visible groups, out [BH, R, g*Π])
 PagedOutput = Callable[[torch.Tensor, int], torch.Tensor]  # (probabilities, visible groups) -> [BH, R, D]
 
 
 def attend_rows(qh: torch.Tensor, row_pos: torch.Tensor, keys: Keys, groups: int, softmax_scale: float,
                 scores_fn: PagedScores, output_fn: PagedOutput) -> torch.Tensor:
     """Causal attention of rows qh [BH, R, D] at positions row_pos [B, R] over the sinks, the first `groups`
-    page groups and the tail: one fp32 softmax (reference order: sinks, pages, tail)."""
+    page groups and the tail: one fp32 softmax (reference order: sinks, pages, tail). Only the key columns
+    some row must not see are masked."""
     batch, rows = row_pos.shape
-    pi = keys.tail_k.shape[1]
-    sink_slots = torch.arange(keys.sink_k.shape[1])[None]
-    paged_slots = torch.arange(groups * pi)[None]
-    tail_slots = torch.arange(pi)[None]
+    pi, sinks = keys.tail_k.shape[1], keys.sink_k.shape[1]
+    paged = groups * pi
+    sink_slots, paged_slots, tail_slots = (torch.arange(n)[None] for n in (sinks, paged, pi))
     key_pos = torch.cat([sink_slots.expand(batch, -1), keys.n_sinks[:, None] + paged_slots,
                          (keys.n_sinks + keys.n_paged)[:, None] + tail_slots], dim=1)
     valid = torch.cat([sink_slots < keys.n_sinks[:, None], paged_slots < keys.n_paged[:, None],
                        tail_slots < keys.n_tail[:, None]], dim=1)
-    hidden = ~(valid[:, None, :] & (key_pos[:, None, :] <= row_pos[:, :, None]))  # [B, R, L]
-    scores = torch.cat([qh @ keys.sink_k.mT, scores_fn(qh, groups), qh @ keys.tail_k.mT], dim=-1).mul_(softmax_scale)
-    scores = scores.view(batch, -1, rows, scores.shape[-1]).masked_fill_(hidden[:, None], float("-inf"))
-    probs = torch.softmax(scores.view(batch * scores.shape[1], rows, -1), dim=-1)
-    p_sinks, p_paged, p_tail = probs.split([keys.sink_k.shape[1], groups * pi, pi], dim=-1)
+    scaled = qh * softmax_scale
+    scores = qh.new_empty((qh.shape[0], rows, sinks + paged + pi))
+    torch.bmm(scaled, keys.sink_k.mT, out=scores[:, :, :sinks]) if sinks else None
+    scores_fn(scaled, groups, scores[:, :, sinks : sinks + paged])
+    scores[:, :, sinks + paged :] = scaled @ keys.tail_k.mT
+    seen_by_all = valid & (key_pos <= row_pos.min(dim=1).values[:, None])  # [B, L]
+    first = int((~seen_by_all).any(0).int().argmax()) if not bool(seen_by_all.all()) else scores.shape[-1]
+    if first < scores.shape[-1]:
+        hidden = ~(valid[:, None, first:] & (key_pos[:, None, first:] <= row_pos[:, :, None]))  # [B, R, L - first]
+        scores.view(batch, -1, rows, scores.shape[-1])[..., first:].masked_fill_(hidden[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    p_sinks, p_paged, p_tail = probs.split([sinks, paged, pi], dim=-1)
     out = output_fn(p_paged, groups)
     return out.baddbmm_(p_sinks, keys.sink_v).baddbmm_(p_tail, keys.tail_v)
 
@@ -287,7 +308,7 @@ def hack_attention(q: torch.Tensor, cu_q: torch.Tensor, seq_lens: torch.Tensor, 
 
     def attend(qh: torch.Tensor, row_pos: torch.Tensor, keys: Keys, groups: int) -> torch.Tensor:
         return attend_rows(qh, row_pos, keys, groups, softmax_scale,
-                           lambda rows, g: hack_scores(rows, keys.pages, g),
+                           lambda rows, g, out: hack_scores(rows, keys.pages, g, out),
                            lambda p, g: hack_pv(p, keys.pages, g))
 
     return _attention(attend, "hack", q, cu_q, seq_lens, block_tables, state_slots, cache, config)
@@ -306,7 +327,7 @@ def dequant_attention(q: torch.Tensor, cu_q: torch.Tensor, seq_lens: torch.Tenso
         k, v = keys.pages["k"][:, :length], keys.pages["v"][:, :length]  # channels in codes order
         order, inverse = keys.pages["order"], keys.pages["inverse"]
         return attend_rows(qh, row_pos, keys, groups, softmax_scale,
-                           lambda rows, _: rows.index_select(-1, order) @ k.mT,
+                           lambda rows, _, out: torch.bmm(rows.index_select(-1, order), k.mT, out=out),
                            lambda p, _: (p @ v).index_select(-1, inverse))
 
     return _attention(attend, "dequant", q, cu_q, seq_lens, block_tables, state_slots, cache, config)
