@@ -152,26 +152,25 @@ def read_pages(cache: Cache, pages: torch.Tensor, n_paged: torch.Tensor, config:
         rows = cache[name][pages].index_select(-1, order).float()  # [B, np, Hkv, bs/Π, D]
         rows = rows.transpose(1, 2).contiguous().view(batch, heads, groups, head_dim)
         params[name] = rows.masked_fill_(~group_stored[:, None, :, None], 0).view(batch * heads, groups, head_dim)
-    codes = {}
-    for name in ("k_codes", "v_codes"):
-        packed = cache[name][pages]  # [B, np, Hkv, bs, W]: the only per-token gather, 2 bits a value
-        packed = packed.view(batch, num_pages, heads, bs // pi, pi, packed.shape[-1]).permute(1, 3, 0, 2, 4, 5)
-        codes[name] = unpack_bytes(packed, bits, parts).view(groups, batch, heads, pi, head_dim)
-    k_codes, v_codes = codes["k_codes"], codes["v_codes"]
+    # the only per-token gathers, 2 bits a value; the packed rows are put in the order the products read
+    k_packed = cache["k_codes"][pages]  # [B, np, Hkv, bs, W]
+    width = k_packed.shape[-1]
+    k_packed = k_packed.view(batch, num_pages, heads, bs // pi, pi, parts, width // parts).permute(1, 3, 0, 2, 5, 4, 6)
+    k_codes = unpack_bytes(k_packed, bits, 1).view(groups, batch, heads, parts, pi, pd)  # K per partition
+    v_codes = unpack_bytes(cache["v_codes"][pages].transpose(1, 2), bits, parts)  # [B, Hkv, np, bs, D]
+    v_codes = v_codes.view(batch, heads, groups, pi, head_dim)
     if not config.sum_elimination and not bool(stored.all()):
-        v_codes = v_codes.masked_fill(~stored.permute(1, 0, 2)[:, :, None, :, None], 0)
+        v_codes = v_codes.masked_fill(~stored[:, None, :, :, None], 0)
     out = {"order": order, "inverse": inverse, "v_min": params["v_min"]}
     out["v"] = _scale_groups(v_codes, params["v_scale"], params["v_min"] if layout == "dequant" else None)
-    v_sums = params["v_sums"] if config.sum_elimination else v_codes.sum(3, dtype=torch.float32).permute(1, 2, 0, 3) \
-        .reshape(batch * heads, groups, head_dim)
+    v_sums = params["v_sums"] if config.sum_elimination else \
+        v_codes.sum(3, dtype=torch.float32).view(batch * heads, groups, head_dim)
     out["sv_sums"] = params["v_scale"] * v_sums
     if layout == "dequant":
-        out["k"] = _scale_groups(k_codes, params["k_scale"], params["k_min"])
+        k_tokens = k_codes.permute(1, 2, 0, 4, 3, 5).reshape(batch, heads, groups, pi, head_dim)
+        out["k"] = _scale_groups(k_tokens, params["k_scale"], params["k_min"])
         return out
-    k = torch.empty((groups, batch * heads, parts, pi, pd))
-    k.view(groups, batch, heads, parts, pi, pd).copy_(k_codes.view(groups, batch, heads, pi, parts, pd)
-                                                      .transpose(3, 4))
-    out["k"] = k
+    k = out["k"] = k_codes.view(groups, batch * heads, parts, pi, pd).float()
     out["k_scale"], out["k_min"] = (params[name].transpose(0, 1).contiguous() for name in ("k_scale", "k_min"))
     if config.sum_elimination:
         sums = cache["k_sums"][pages].float()  # [B, np, Hkv, bs, P]
@@ -183,15 +182,14 @@ def read_pages(cache: Cache, pages: torch.Tensor, n_paged: torch.Tensor, config:
 
 
 def _scale_groups(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> torch.Tensor:
-    """s*q (+ m) of codes [g, B, Hkv, Π, D] with per-group scale/min [BH, g, D] -> fp32 [BH, g*Π, D], the
-    conversion, the scaling and the layout change in one pass."""
-    groups, batch, heads, pi, head_dim = codes.shape
-    values = torch.empty((batch * heads, groups * pi, head_dim))
-    torch.mul(codes.permute(1, 2, 0, 3, 4), scale.view(batch, heads, groups, 1, head_dim),
-              out=values.view(batch, heads, groups, pi, head_dim))
+    """s*q (+ m) of codes [B, Hkv, g, Π, D] with per-group scale/min [BH, g, D] -> fp32 [BH, g*Π, D]."""
+    batch, heads, groups, pi, head_dim = codes.shape
+    values = torch.empty((batch * heads, groups, pi, head_dim))
+    values.copy_(codes.reshape(batch * heads, groups, pi, head_dim)).mul_(scale.unsqueeze(2))  # a mixed-dtype
+    # mul (uint8 x fp32) would be ~20x slower than this conversion plus an fp32 mul
     if minimum is not None:
-        values.view(batch * heads, groups, pi, head_dim).add_(minimum.unsqueeze(2))
-    return values
+        values.add_(minimum.unsqueeze(2))
+    return values.view(batch * heads, groups * pi, head_dim)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,8 +233,8 @@ def hack_scores(qh: torch.Tensor, pages: dict[str, torch.Tensor], groups: int, o
     scores = torch.mul(integer[:, :, 0], scale[:, :, 0, :, None])
     for p in range(1, parts):
         scores.addcmul_(integer[:, :, p], scale[:, :, p, :, None])
-    offsets = torch.matmul(pages["k_min"][:groups].unsqueeze(2), qh.mT.unsqueeze(0))  # [g, BH, 1, R]: q·mK
-    corrections = torch.cat([minimum.transpose(-1, -2), offsets.transpose(-1, -2)], dim=-1)  # [g, BH, R, P + 1]
+    offsets = torch.bmm(qh, pages["k_min"][:groups].permute(1, 2, 0))  # [BH, R, g]: q·mK
+    corrections = torch.cat([minimum.transpose(-1, -2), offsets.permute(2, 0, 1).unsqueeze(-1)], dim=-1)  # [g, BH, R, P+1]
     sums = torch.cat([pages["k_sums"][:groups], torch.ones_like(pages["k_sums"][:groups, :, :1])], dim=2)
     scores = scores.view(-1, rows, pi).baddbmm_(corrections.view(-1, rows, parts + 1), sums.view(-1, parts + 1, pi))
     out.view(bh, rows, groups, pi).copy_(scores.view(groups, bh, rows, pi).permute(1, 2, 0, 3))
