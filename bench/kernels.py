@@ -47,6 +47,8 @@ CPU = dict(contexts=[1024, 4096, 16384], batches=[1], prefill=[512, 2048, 8192])
 QUICK = dict(contexts=[256, 1024], batches=[1, 4], prefill=[128, 512])
 WARMUP = 3
 GIB = 1024**3
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: this process's CPU time (all threads)
+clock = CLOCKS["wall"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -60,9 +62,9 @@ def measure(fn: Callable[[], object], device: torch.device, reps: int) -> float:
     if device.type != "cuda":
         times = []
         for i in range(WARMUP + reps):
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
         return statistics.median(times[WARMUP:])
     torch.cuda.synchronize(device)
     run = _cuda_graph(fn) or fn
@@ -89,10 +91,10 @@ def measure_all(fns: dict[str, Callable[[], object]], device: torch.device, reps
     times: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(warmup + reps):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
             if i >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -310,13 +312,17 @@ def implementation(device: torch.device) -> str:
     return IMPLEMENTATIONS[module]
 
 
+def clock_name() -> str:
+    return "process CPU time" if clock is CLOCKS["cpu"] else "wall time"
+
+
 def report_header(setup: Setup, bandwidth: float, command: str) -> list[str]:
     cfg, device = setup.config, setup.device
     lines = [f"{device_name(device)}; HACK and dequant run {implementation(device)}, SDPA "
              f"{str(setup.dtype).removeprefix('torch.')} K/V. Copy bandwidth {bandwidth / 1e9:,.0f} GB/s. Llama-3-8B "
              f"attention ({NUM_HEADS} query heads, {NUM_KV_HEADS} KV heads, head_dim {HEAD_DIM}), one layer; KV "
              f"{cfg.bits}-bit, partition {cfg.partition}, key axis {cfg.key_axis}, {cfg.num_sinks} sinks, pages of "
-             f"{cfg.block_size} tokens. Median of {setup.reps}. Command: `{command}`."]
+             f"{cfg.block_size} tokens. Median of {setup.reps} ({clock_name()}). Command: `{command}`."]
     if device.type != "cuda":
         lines.append(f"No GPU: these rows time {implementation(device)}, not the Triton kernels; the GPU table "
                      "comes from running the command on a CUDA machine.")
@@ -334,10 +340,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--partition", type=int, default=64)
     parser.add_argument("--block-size", type=int, default=0, help="tokens per page (0: the partition)")
     parser.add_argument("--max-fp16-gib", type=float, default=24.0, help="skip decode cases whose SDPA K/V is larger")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="CPU: time by wall clock or by this process's CPU time (steady on a machine whose "
+                             "cores other jobs share; with one thread it is the op's own compute time)")
     parser.add_argument("--json", action="store_true", help="JSON lines on stdout (one per measurement), table on stderr")
     parser.add_argument("--write", help="markdown file whose kernels section to replace")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    global clock
+    clock = CLOCKS[args.clock]
     sizes = dict(QUICK if args.quick else FULL if device.type == "cuda" else CPU)
     sizes |= {key: getattr(args, key) for key in sizes if getattr(args, key) is not None}
     torch.manual_seed(0)
@@ -357,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
         print(row.line, file=table, flush=True)
         if args.json:
             for record in row.records:
-                print(json.dumps({"device": device.type} | record), flush=True)
+                print(json.dumps({"device": device.type, "clock": args.clock} | record), flush=True)
 
     for batch in sizes["batches"]:
         for context in sizes["contexts"]:

@@ -24,7 +24,7 @@ def test_json_rows_cover_every_mode(capsys, tmp_path):
                                                   ("prefill", "hack"), ("prefill", "dequant"), ("prefill", "sdpa"),
                                                   ("prefill", "store")}
     for row in rows:
-        assert set(row) == {"device", "op", "mode", "batch", "context", "us", "bytes_read"}
+        assert set(row) == {"device", "clock", "op", "mode", "batch", "context", "us", "bytes_read"}
         assert row["us"] > 0 and row["bytes_read"] > 0
     decode = {r["mode"]: r for r in rows if r["op"] == "decode"}
     assert decode["hack"]["bytes_read"] < decode["sdpa"]["bytes_read"] and decode["hack"]["batch"] == 2
