@@ -61,6 +61,7 @@ RANDOM_MODEL_SHAPES = {
 }
 QUIET = "--log-level=warning"  # the services log every request at INFO
 METRICS_SETTLE_S = 10.0  # how long to wait for the last requests' timers to reach the router
+PROBE_TOKENS, PROBE_OUTPUT_TOKENS = 32, 4  # the probe request (probe_sample)
 
 
 @dataclass(frozen=True)
@@ -231,11 +232,21 @@ def run_configuration(config: ExperimentConfig, kv_mode: str, link_gbps: float, 
     return build_row(kv_mode, link_gbps, metrics, jct_breakdown(delta), agreement, texts)
 
 
+def probe_sample(sample: SampleRequest) -> SampleRequest:
+    """The probe: the first prompt's first PROBE_TOKENS tokens, a few output tokens. It checks that the cluster
+    answers and warms every process up; a full-length probe would double a long-prompt run's time."""
+    if sample.prompt_token_ids is None:
+        return replace(sample, expected_output_len=min(sample.expected_output_len, PROBE_OUTPUT_TOKENS))
+    ids = sample.prompt_token_ids[:PROBE_TOKENS]
+    return replace(sample, prompt_token_ids=ids, prompt_len=len(ids),
+                   expected_output_len=min(sample.expected_output_len, PROBE_OUTPUT_TOKENS))
+
+
 async def replay(url: str, endpoint: EndpointConfig, samples: list[SampleRequest],
                  load: LoadConfig) -> tuple[list[RequestOutput], float, MetricSnapshot]:
     """Probe (which also warms the cluster up), then the timed requests between two /metrics scrapes."""
     async with make_http_client(load) as client:
-        await probe(client, endpoint, samples[0])
+        await probe(client, endpoint, probe_sample(samples[0]))
         before = await scrape(client, url)
         run = await send_all(client, endpoint, samples, load)
         finished = sum(output.success for output in run.outputs)

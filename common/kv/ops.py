@@ -7,8 +7,10 @@ op keeps the signature of its torch reference in reference.py. Routing:
       hack_attention       triton_decode_attention when every sequence brings one query (decode), else
                            triton_prefill_attention (prefill, chunked prefill, mixed batches)
       dequant_attention    triton_dequant_decode for decode; multi-token forwards use the reference
-  * CPU tensors run the vectorized torch versions of torch_fast.py (store_fp16_kv, store_compressed_kv,
-    fp16_attention, hack_attention, dequant_attention), unless TRITON_INTERPRET=1 is set when the op is dispatched: then the
+  * CPU tensors run the vectorized torch versions: cpu_ops.py for hack_attention and dequant_attention (codes
+    unpacked from packed words, exact integer products as batched float32 matmuls, query-blocked prefill),
+    torch_fast.py for store_fp16_kv, store_compressed_kv and fp16_attention (and the attention of
+    configurations cpu_ops does not serve), unless TRITON_INTERPRET=1 is set when the op is dispatched: then the
     same Triton kernels run in Triton's interpreter (how the tests check them without a GPU). CUDA tensors run
     torch_fast.py's fp16-mode ops (the uncompressed baseline has no kernel).
   * What the kernels do not implement (stochastic rounding or clipped ranges in the append, a 16-bit recent
@@ -26,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from common.kv import reference, torch_fast
+from common.kv import cpu_ops, reference, torch_fast
 from common.kv.config import KVConfig
 
 OPS: tuple[str, ...] = (
@@ -143,8 +145,8 @@ TORCH_OPS: dict[tuple[str, str], Callable] = {
     ("cpu", "store_fp16_kv"): torch_fast.store_fp16_kv,
     ("cpu", "store_compressed_kv"): torch_fast.store_compressed_kv,
     ("cpu", "fp16_attention"): torch_fast.fp16_attention,
-    ("cpu", "hack_attention"): torch_fast.hack_attention,
-    ("cpu", "dequant_attention"): torch_fast.dequant_attention,
+    ("cpu", "hack_attention"): cpu_ops.hack_attention,
+    ("cpu", "dequant_attention"): cpu_ops.dequant_attention,
     ("cuda", "store_fp16_kv"): torch_fast.store_fp16_kv,
     ("cuda", "fp16_attention"): torch_fast.fp16_attention,
 }

@@ -206,8 +206,8 @@ def test_dispatch_routes_to_the_fast_ops_unless_the_reference_is_forced(monkeypa
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("HACK_KV_OPS", raising=False)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    for name in ("store_fp16_kv", "store_compressed_kv", "fp16_attention", "hack_attention", "dequant_attention"):
-        assert ops.dispatch(name, cpu) is getattr(torch_fast, name)
+    for name in ("store_fp16_kv", "store_compressed_kv", "fp16_attention"):
+        assert ops.dispatch(name, cpu) is getattr(torch_fast, name)  # compressed attention: test_cpu_ops.py
     assert ops.dispatch("fp16_attention", cuda) is torch_fast.fp16_attention
     assert ops.dispatch("causal_attention", cpu) is reference.causal_attention
     monkeypatch.setenv("HACK_KV_OPS", "reference")

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common.kv import ops, reference, torch_fast
+from common.kv import cpu_ops, ops, reference, torch_fast
 from common.kv.config import PAPER_SETTING, KVConfig
 from common.kv.factory import make_kv_backend
 from common.kv.interface import ForwardBatch
@@ -32,7 +32,7 @@ def test_cuda_tensors_run_the_kernels_and_cpu_tensors_the_torch_fast_paths(monke
     assert ops.dispatch("store_compressed_kv", cuda) is ops.triton_store_compressed_kv
     assert ops.dispatch("dequant_attention", cuda) is ops.triton_dequant_attention
     assert ops.dispatch("fp16_attention", cuda) is torch_fast.fp16_attention
-    assert ops.dispatch("hack_attention", cpu) is torch_fast.hack_attention
+    assert ops.dispatch("hack_attention", cpu) is cpu_ops.hack_attention
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert ops.dispatch("hack_attention", cpu) is ops.triton_hack_attention
     assert ops.dispatch("causal_attention", cpu) is reference.causal_attention
