@@ -13,13 +13,14 @@ from common.kv.backends import PagedKVBackend
 from common.kv.interface import ForwardBatch, KVBackend
 from common.kv.wire import decode_layer
 from common.loader import LoadedModel
-from common.sampling import Sampler
+from common.sampling import Sampler, TokenHistory, TokenLogprobs
 from decode_service.scheduler import DecodeRequest
 
 
 class StepResult(NamedTuple):
     tokens: list[int]  # one sampled token per request of the batch
     attention_s: float  # wall time inside the backend's attend, all layers (0 when not measured)
+    logprobs: list[TokenLogprobs | None]  # per request, where it asked for logprobs
 
 
 class AttentionClock(KVBackend):
@@ -82,8 +83,11 @@ class DecodeRunner:
         tokens = torch.tensor([r.last_token for r in batch], device=self.device)
         kv = AttentionClock(self.backend, self.device) if self.time_attention else self.backend
         logits = self.loaded.model(tokens, forward, kv)
-        sampled = self.sampler.sample(logits, [r.params for r in batch], [len(r.output_ids) for r in batch])
-        return StepResult(sampled, kv.elapsed_s if isinstance(kv, AttentionClock) else 0.0)
+        params = [r.params for r in batch]
+        histories = [TokenHistory(r.prompt_ids, r.output_ids) for r in batch] if any(p.penalized for p in params) \
+            else None
+        sampled = self.sampler.run(logits, params, [len(r.output_ids) for r in batch], histories)
+        return StepResult(sampled.tokens, kv.elapsed_s if isinstance(kv, AttentionClock) else 0.0, sampled.logprobs)
 
     def free(self, seq_id: int) -> None:
         self.backend.free(seq_id)

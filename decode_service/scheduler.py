@@ -45,6 +45,7 @@ class DecodeRequest:
     state: RequestState = RequestState.WAITING_FOR_KV
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" or "length" when it ended normally
+    prompt_ids: tuple[int, ...] = ()  # only kept when a repetition penalty needs them
     # Timers (time.monotonic) and batch statistics for DecodeTimers.
     admitted_at: float = field(default_factory=time.monotonic)
     kv_done_at: float = 0.0
