@@ -32,6 +32,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added logit)
     min_tokens: int = 0  # stop_token_ids cannot be sampled before this many output tokens
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the top k
+    json_schema: str | None = None  # structured output (common/structured.py masks the logits before sampling)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -23,6 +23,7 @@ from common.kv.format import WIRE_VERSION, KVLayout
 from common.kv.options import add_kv_arguments
 from common.loader import DTYPES, LoadedModel, load_model
 from common.sampling import SamplingParams, TokenLogprobs
+from common.structured import check_schema
 from proto import hack_pb2, kv_mode_from_proto, kv_mode_to_proto
 
 log = logging.getLogger(__name__)
@@ -121,15 +122,19 @@ def sampling_params(message: hack_pb2.SamplingParams, max_tokens: int = 1, stop_
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"token ids {bad[:8]} are outside the vocabulary [0, {vocab_size})")
     try:
-        return SamplingParams(
+        params = SamplingParams(
             max_tokens=max_tokens, temperature=message.temperature, top_p=message.top_p or 1.0,
             top_k=message.top_k, seed=message.seed if message.HasField("seed") else None,
             stop_token_ids=stop_token_ids,
             presence_penalty=message.presence_penalty, frequency_penalty=message.frequency_penalty,
             repetition_penalty=message.repetition_penalty or 1.0, logit_bias=bias, min_tokens=message.min_tokens,
             logprobs=message.logprobs if message.HasField("logprobs") else None,
+            json_schema=message.json_schema if message.HasField("json_schema") else None,
         )
-    except ValueError as error:
+        if params.json_schema is not None:
+            check_schema(params.json_schema)
+        return params
+    except ValueError as error:  # GrammarError included
         raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
 
 

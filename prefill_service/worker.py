@@ -16,6 +16,7 @@ from common.kv.interface import ForwardBatch, KVBackend
 from common.kv.wire import encode_layer
 from common.loader import LoadedModel
 from common.sampling import Sampler, SamplingParams, TokenHistory, TokenLogprobs
+from common.structured import GrammarCompiler, mask_logits
 
 LayerCallback = Callable[[int, int, list[bytes]], None]  # (seq_id, layer, that layer's wire chunks)
 
@@ -54,6 +55,7 @@ class PrefillWorker:
         self.loaded, self.backend = loaded, backend
         self.device = next(loaded.model.parameters()).device
         self.sampler = Sampler()
+        self.grammars = GrammarCompiler(loaded.tokenizer, loaded.config.vocab_size)
 
     def run(self, seq_ids: list[int], prompts: list[list[int]], params: list[SamplingParams],
             on_layer: LayerCallback, prompt_logprobs: list[int | None] | None = None) -> list[PrefillOutput]:
@@ -68,6 +70,8 @@ class PrefillWorker:
             tokens = torch.tensor([t for prompt in prompts for t in prompt], device=self.device)
             logits = self.loaded.model(tokens, batch, exporter, logits="all" if want_all else "last")
             last = logits[batch.cu_new[1:] - 1] if want_all else logits
+            last = mask_logits(last, [self.grammars.matcher(p.json_schema) if p.json_schema is not None else None
+                                      for p in params])
             histories = [TokenHistory(prompt, ()) for prompt in prompts]
             sampled = self.sampler.run(last, params, [0] * len(params), histories)
             scored = [None if k is None else score_prompt(logits[batch.rows(i)], prompts[i], k)

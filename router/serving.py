@@ -25,6 +25,7 @@ from typing import TypeVar
 from pydantic import BaseModel
 from transformers import PreTrainedTokenizerBase
 
+from common.structured import GrammarError, check_schema, schema_text
 from proto import hack_pb2, kv_mode_to_proto
 from router.config import RouterConfig
 from router.detokenizer import IncrementalDetokenizer, StopStringMatcher
@@ -308,9 +309,7 @@ class OpenAIServing:
         if bad:
             raise invalid_request(f"token ids {bad[:8]} are outside the vocabulary [0, {vocab})",
                                   "logit_bias" if bad[0] in bias else "stop_token_ids")
-        if request.response_format is not None and request.response_format.type != "text":
-            raise invalid_request("structured output (`response_format` json_object / json_schema) is not "
-                                  "supported by this server", "response_format")
+        json_schema = self._json_schema(request)
         stop_ids = set(request.stop_token_ids or ())
         if not request.ignore_eos:
             stop_ids |= set(self._model_info.eos_token_ids)
@@ -325,6 +324,7 @@ class OpenAIServing:
             logit_bias=bias,
             min_tokens=min(request.min_tokens, max_tokens),
             logprobs=request.top_logprobs_count(),
+            json_schema=json_schema,
         )
         return GenerationRequest(
             request_id=request_id,
@@ -335,6 +335,19 @@ class OpenAIServing:
             kv_mode=kv_mode_to_proto(request.kv_mode or self._config.kv_mode),
             prompt_logprobs=request.prompt_logprobs_count(),
         )
+
+    @staticmethod
+    def _json_schema(request: GenerationParams) -> str | None:
+        """The JSON schema the output must match (response_format), checked here so a bad one is a 400."""
+        response_format = request.response_format
+        if response_format is None or response_format.type == "text":
+            return None
+        schema = schema_text(response_format.json_schema.schema_ if response_format.type == "json_schema" else None)
+        try:
+            check_schema(schema)
+        except GrammarError as error:
+            raise invalid_request(str(error), "response_format") from None
+        return schema
 
     # ------------------------------------------------------------ tokens to text
 

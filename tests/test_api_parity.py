@@ -180,3 +180,22 @@ def test_continuous_usage_unknown_fields_and_tokenizer_endpoints(cluster, MODEL)
         assert model["id"] == MODEL and model["max_model_len"] == 512 and model["root"]
         bad = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": True})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+
+
+def test_structured_output_follows_the_schema(client, MODEL):
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "blue"]}, "ok": {"type": "boolean"}},
+              "required": ["color", "ok"], "additionalProperties": False}
+    response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "pick"}],
+                                          max_tokens=60, temperature=0.9, seed=4, response_format=response_format)
+    document = json.loads(chat.choices[0].message.content)
+    assert document["color"] in ("red", "blue") and isinstance(document["ok"], bool)
+    assert chat.choices[0].finish_reason == "stop"
+    completion = client.completions.create(model=MODEL, prompt="x", max_tokens=8, temperature=0,
+                                           extra_body={"response_format": {"type": "json_object"}})
+    assert completion.choices[0].text.startswith("{")
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "x", "schema": {"type": "nope"}}})
+    assert "invalid JSON schema" in bad.value.message

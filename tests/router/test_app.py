@@ -140,6 +140,8 @@ async def test_ignore_eos_and_stop_token_ids_reach_the_decode_instance(byte_mode
         ({"model": "byte-model", "prompt": "hi", "stream_options": {"include_usage": "yes"}, "stream": True},
          400, "stream_options.include_usage"),
         ({"model": "byte-model", "prompt": "hi", "response_format": {"type": "xml"}}, 400, "response_format.type"),
+        ({"model": "byte-model", "prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "objectx"}}}}, 400, "response_format"),
         ({"model": "byte-model", "prompt": "hi", "temperature": -1}, 400, "temperature"),
         ({"model": "byte-model", "prompt": "hi", "kv_mode": "int4"}, 400, "kv_mode"),
         ({"model": "byte-model", "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
