@@ -138,8 +138,8 @@ class GenerationParams(_RequestModel):
 
     @property
     def scores_prompt_only(self) -> bool:
-        """max_tokens 0: only the prompt is scored (completions with echo; an error elsewhere)."""
-        return self.max_tokens == 0
+        """max_tokens 0 with echo: only the prompt is scored (completions only; max_tokens 0 is a 400 elsewhere)."""
+        return False
 
 
 class CompletionRequest(GenerationParams):

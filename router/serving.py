@@ -490,7 +490,7 @@ async def _event_stream(
     prompt_len: int,
     request: GenerationParams,
     usage: Callable[[UsageInfo], BaseModel],
-    preamble: list[BaseModel] = (),
+    preamble: Sequence[BaseModel] = (),
 ) -> AsyncIterator[str]:
     """Start the request, then return its SSE body. Errors before the first output raise (an HTTP error).
 

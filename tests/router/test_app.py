@@ -188,3 +188,15 @@ async def test_models_health_ready_and_metrics(byte_model, byte_tokenizer):
     assert "hack_router_kv_transfer_bytes_total" in metrics and "hack_router_kv_transfer_seconds_count 1.0" in metrics
     assert f'hack_router_instance_healthy{{address="{c.decode_addresses[0]}",role="decode"}} 1.0' in metrics
     assert f'hack_router_decode_free_kv_blocks{{address="{c.decode_addresses[0]}"}} 1000.0' in metrics
+
+
+async def test_unknown_fields_are_ignored_and_named_and_chat_max_tokens_0_is_refused(byte_model, byte_tokenizer):
+    first, rest = script(byte_tokenizer, "ok")
+    async with cluster(byte_model, [FakePrefill(first)], [FakeDecode(rest)]) as c:
+        accepted = await c.client.post("/v1/completions", json={
+            "model": "byte-model", "prompt": "hi", "max_tokens": 5, "a_future_field": 1, "another": [1]})
+        refused = await c.client.post("/v1/chat/completions", json={
+            "model": "byte-model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0})
+    assert accepted.status_code == 200 and accepted.json()["choices"][0]["text"] == "ok"
+    assert accepted.headers["x-ignored-fields"] == "a_future_field, another"
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"

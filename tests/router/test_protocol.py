@@ -61,7 +61,9 @@ def test_sampling_extras_and_logprob_counts():
                          logit_bias={"7": -100}, min_tokens=2, n=3, best_of=3, include_stop_str_in_output=True)
     assert request.top_logprobs_count() == 2 and request.prompt_logprobs_count() == 2
     assert completion(logprobs=0).prompt_logprobs_count() is None
-    assert completion(max_tokens=0, echo=True).scores_prompt_only
+    assert completion(max_tokens=0, echo=True).scores_prompt_only and not completion(max_tokens=0).scores_prompt_only
+    assert not ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}],
+                                     max_tokens=0).scores_prompt_only
     chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], logprobs=True,
                                  top_logprobs=3)
     assert chat.top_logprobs_count() == 3 and chat.prompt_logprobs_count() is None
