@@ -9,12 +9,15 @@ complete only EOS is allowed.
 from __future__ import annotations
 
 import json
+import logging
+import threading
 from typing import Any
 
 import torch
 from llguidance import LLMatcher, LLTokenizer
 from llguidance.hf import from_tokenizer
 
+log = logging.getLogger(__name__)
 JSON_OBJECT_SCHEMA = '{"type": "object"}'  # response_format json_object: any JSON object
 # Compact JSON with OpenAI-style separators: free whitespace lets small models loop on spaces and newlines.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -41,19 +44,37 @@ def check_schema(schema: str) -> None:
 
 
 class GrammarCompiler:
-    """Matchers for JSON schemas over one model's vocabulary. Building the token table takes about a second for a
-    50k vocabulary, so it happens on the first structured request, once per process."""
+    """Matchers for JSON schemas over one model's vocabulary. Building the token table takes seconds for a 50k
+    vocabulary on CPU: services start it in the background at start-up (`warm_up_in_background`), otherwise the
+    first structured request builds it."""
 
     def __init__(self, hf_tokenizer: Any, vocab_size: int) -> None:
         self._hf_tokenizer, self.vocab_size = hf_tokenizer, vocab_size
         self._tokenizer: LLTokenizer | None = None
+        self._lock = threading.Lock()
+
+    def warm_up_in_background(self) -> None:
+        def warm_up() -> None:
+            try:
+                self._token_table()
+            except GrammarError as error:
+                log.warning("%s", error)
+
+        threading.Thread(target=warm_up, name="grammar-warm-up", daemon=True).start()
+
+    def _token_table(self) -> LLTokenizer:
+        with self._lock:
+            if self._tokenizer is None:
+                try:
+                    self._tokenizer = from_tokenizer(self._hf_tokenizer, n_vocab=self.vocab_size)
+                except ValueError as error:  # e.g. a slow (pure Python) tokenizer
+                    raise GrammarError(f"structured output is unavailable with this tokenizer: {error}") from None
+            return self._tokenizer
 
     def matcher(self, schema: str, replay: list[int] = ()) -> LLMatcher:
         """A matcher at the start of the output, after `replay` (tokens already generated)."""
-        if self._tokenizer is None:
-            self._tokenizer = from_tokenizer(self._hf_tokenizer, n_vocab=self.vocab_size)
         grammar = LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
-        matcher = LLMatcher(self._tokenizer, grammar, log_level=0)
+        matcher = LLMatcher(self._token_table(), grammar, log_level=0)
         if replay:
             matcher.consume_tokens(list(replay))
         if matcher.is_error():

@@ -101,6 +101,12 @@ def test_prompt_scoring_equals_the_models_log_softmax(client, loaded, MODEL):
         assert response.usage.completion_tokens == max_tokens
         if max_tokens:  # the greedy token's logprob is the maximum of the last position
             assert logprobs.token_logprobs[-1] == pytest.approx(reference[-1].max().item(), abs=1e-4)
+    streamed = list(client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=1, max_tokens=2,
+                                              temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    streamed_logprobs = [lp for chunk in streamed for choice in chunk.choices if choice.logprobs
+                         for lp in choice.logprobs.token_logprobs]
+    assert streamed_logprobs[0] is None and len(streamed_logprobs) == len(prompt) + 2
+    assert streamed_logprobs[1:len(prompt)] == pytest.approx(expected, abs=1e-4)
 
 
 def test_output_logprobs_equal_the_models_log_probabilities(client, cluster, loaded, MODEL):
