@@ -13,7 +13,7 @@ import torch
 
 from common.kv.interface import ForwardBatch, KVBackend
 from common.loader import LoadedModel
-from common.sampling import Sampler, SamplingParams
+from common.sampling import Sampler, SamplingParams, TokenHistory
 from common.sequence import Sequence, validate_prompt
 
 
@@ -63,7 +63,8 @@ class Engine:
                                        [1] * len(seqs), self.device)
         self.kv.reserve(batch)
         logits = self.loaded.model(torch.tensor(tokens, device=self.device), batch, self.kv)
-        sampled = sampler.sample(logits, [s.params for s in seqs], [len(s.output_ids) for s in seqs])
+        histories = [TokenHistory(s.prompt_ids, s.output_ids) for s in seqs]
+        sampled = sampler.sample(logits, [s.params for s in seqs], [len(s.output_ids) for s in seqs], histories)
         for seq, token in zip(seqs, sampled):
             seq.append(token)
             if not seq.finished and seq.params.stop and self._stop_string_index(seq) is not None:

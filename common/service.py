@@ -22,7 +22,8 @@ from common.kv.config import KVConfig
 from common.kv.format import WIRE_VERSION, KVLayout
 from common.kv.options import add_kv_arguments
 from common.loader import DTYPES, LoadedModel, load_model
-from common.sampling import SamplingParams
+from common.sampling import SamplingParams, TokenLogprobs
+from common.structured import check_schema
 from proto import hack_pb2, kv_mode_from_proto, kv_mode_to_proto
 
 log = logging.getLogger(__name__)
@@ -111,17 +112,42 @@ def request_kv_mode(requested: int, served: str) -> str:
     return mode
 
 
-def sampling_params(message: hack_pb2.SamplingParams, max_tokens: int = 1,
-                    stop_token_ids: tuple[int, ...] = ()) -> SamplingParams:
-    """SamplingParams of a request; top_p = 0 means unset (off), like every other zero field of the message."""
+def sampling_params(message: hack_pb2.SamplingParams, max_tokens: int = 1, stop_token_ids: tuple[int, ...] = (),
+                    vocab_size: int | None = None) -> SamplingParams:
+    """SamplingParams of a request; top_p = 0 and repetition_penalty = 0 mean unset (off), like every other zero
+    field of the message. With vocab_size, token ids of logit_bias and stop_token_ids are checked against it."""
+    bias = tuple(sorted(message.logit_bias.items()))
+    if vocab_size is not None:
+        bad = [t for t in (*(token for token, _ in bias), *stop_token_ids) if not 0 <= t < vocab_size]
+        if bad:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"token ids {bad[:8]} are outside the vocabulary [0, {vocab_size})")
     try:
-        return SamplingParams(
+        params = SamplingParams(
             max_tokens=max_tokens, temperature=message.temperature, top_p=message.top_p or 1.0,
             top_k=message.top_k, seed=message.seed if message.HasField("seed") else None,
             stop_token_ids=stop_token_ids,
+            presence_penalty=message.presence_penalty, frequency_penalty=message.frequency_penalty,
+            repetition_penalty=message.repetition_penalty or 1.0, logit_bias=bias, min_tokens=message.min_tokens,
+            logprobs=message.logprobs if message.HasField("logprobs") else None,
+            json_schema=message.json_schema if message.HasField("json_schema") else None,
         )
-    except ValueError as error:
+        if params.json_schema is not None:
+            check_schema(params.json_schema)
+        return params
+    except ValueError as error:  # GrammarError included
         raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+
+
+def logprobs_to_proto(logprobs: TokenLogprobs | None) -> hack_pb2.TokenLogprobs | None:
+    if logprobs is None:
+        return None
+    return hack_pb2.TokenLogprobs(logprob=logprobs.logprob, top_token_ids=logprobs.top_ids,
+                                  top_logprobs=logprobs.top_logprobs)
+
+
+def logprobs_from_proto(message: hack_pb2.TokenLogprobs) -> TokenLogprobs:
+    return TokenLogprobs(message.logprob, tuple(message.top_token_ids), tuple(message.top_logprobs))
 
 
 @dataclass

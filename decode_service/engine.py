@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import grpc
 
-from common.sampling import SamplingParams
+from common.sampling import SamplingParams, TokenLogprobs
 from common.service import Counters, ServiceError
 from decode_service.runner import DecodeRunner
 from decode_service.scheduler import AdmissionError, DecodeRequest, RequestState, Scheduler
@@ -45,6 +45,7 @@ class TokenEvent:
     step_s: float = 0.0  # 0 for the first token (sampled by the prefill instance)
     batch_size: int = 0
     timers: DecodeTimers | None = None  # on the last token only
+    logprobs: TokenLogprobs | None = None  # when the request asked for logprobs
 
 
 Event = TokenEvent | ServiceError
@@ -77,13 +78,18 @@ class DecodeEngine:
 
     # -- request life cycle ---------------------------------------------------------------------------------------
 
-    def admit(self, request_id: str, prompt_len: int, params: SamplingParams) -> tuple[DecodeRequest, asyncio.Queue]:
+    def admit(self, request_id: str, prompt_len: int, params: SamplingParams,
+              prompt_ids: tuple[int, ...] = ()) -> tuple[DecodeRequest, asyncio.Queue]:
+        if params.repetition_penalty != 1 and len(prompt_ids) != prompt_len:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"repetition_penalty needs the {prompt_len} "
+                               f"prompt token ids, got {len(prompt_ids)}")
         try:
             request = self.scheduler.admit(request_id, prompt_len, params)
         except AdmissionError as error:
             raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)) from None
         except ValueError as error:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        request.prompt_ids = prompt_ids if params.repetition_penalty != 1 else ()
         self.counters.requests_total += 1
         self.counters.prompt_tokens += prompt_len
         events: asyncio.Queue[Event] = asyncio.Queue()
@@ -92,11 +98,11 @@ class DecodeEngine:
             self.kv_timeout_s, self._kv_timeout, request)
         return request, events
 
-    def kv_ready(self, request: DecodeRequest, first_token: int) -> None:
+    def kv_ready(self, request: DecodeRequest, first_token: int, first_logprobs: TokenLogprobs | None = None) -> None:
         """The whole prompt's KV is stored: emit the prefill's token and queue the request for decoding."""
         self._kv_deadlines.pop(request.request_id).cancel()
         self.scheduler.kv_ready(request, first_token)
-        self._emit(request, TokenEvent(first_token, request.finish_reason))
+        self._emit(request, TokenEvent(first_token, request.finish_reason, logprobs=first_logprobs))
         self._wakeup.set()
 
     def fail(self, request: DecodeRequest, error: ServiceError) -> None:
@@ -133,7 +139,8 @@ class DecodeEngine:
     def _emit(self, request: DecodeRequest, event: TokenEvent) -> None:
         self.counters.generated_tokens += 1
         if request.state is RequestState.FINISHED:
-            event = TokenEvent(event.token_id, event.finish_reason, event.step_s, event.batch_size, _timers(request))
+            event = TokenEvent(event.token_id, event.finish_reason, event.step_s, event.batch_size, _timers(request),
+                               event.logprobs)
         self._events[request.request_id].put_nowait(event)
         if request.state is RequestState.FINISHED:
             self._release(request)
@@ -160,8 +167,10 @@ class DecodeEngine:
             return
         step_s = time.monotonic() - start
         self.counters.max_batch_size = max(self.counters.max_batch_size, len(batch))
+        logprobs = {request.seq_id: lp for request, lp in zip(batch, result.logprobs)}
         for request in self.scheduler.record_step(batch, result.tokens, step_s, result.attention_s):
-            self._emit(request, TokenEvent(request.last_token, request.finish_reason, step_s, len(batch)))
+            self._emit(request, TokenEvent(request.last_token, request.finish_reason, step_s, len(batch),
+                                           logprobs=logprobs[request.seq_id]))
 
 
 def _timers(request: DecodeRequest) -> DecodeTimers:

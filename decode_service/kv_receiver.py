@@ -29,7 +29,7 @@ import grpc
 
 from common.kv.interface import KVCacheFull
 from common.kv.wire import WireChecksumError, WireFormatError
-from common.service import ServiceError, chunks_per_layer
+from common.service import ServiceError, chunks_per_layer, logprobs_from_proto
 from decode_service.engine import DecodeEngine
 from decode_service.scheduler import DecodeRequest, RequestState
 from proto import hack_pb2
@@ -171,7 +171,8 @@ class KVReceiver:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"first token {trailer.first_token} is outside "
                                f"the vocabulary [0, {vocab_size})")
         self.state = PushState.COMPLETE
-        self.engine.kv_ready(self.request, trailer.first_token)
+        first_logprobs = logprobs_from_proto(trailer.first_logprobs) if trailer.HasField("first_logprobs") else None
+        self.engine.kv_ready(self.request, trailer.first_token, first_logprobs)
 
     def _raise_import_error(self, done_only: bool) -> None:
         for future in self.imports:

@@ -51,7 +51,9 @@ def build_servicer(args: argparse.Namespace) -> DecodeServicer:
             else {"memory_bytes": int(args.kv_memory_mb * 2**20)})
     backend = make_kv_backend(kv_config, loaded.config, param.device, param.dtype, max_seqs=args.max_seqs, **size)
     scheduler = Scheduler(backend.layout, backend.pool.num_blocks, args.max_seqs, args.max_batch_size or args.max_seqs)
-    engine = DecodeEngine(DecodeRunner(loaded, backend, args.profile_attention), scheduler, args.kv_timeout_s)
+    runner = DecodeRunner(loaded, backend, args.profile_attention)
+    runner.grammars.warm_up_in_background()  # structured output's token table, off the first request's path
+    engine = DecodeEngine(runner, scheduler, args.kv_timeout_s)
     return DecodeServicer(engine, kv_identity(loaded, backend.layout), kv_config.mode)
 
 

@@ -13,13 +13,15 @@ from common.kv.backends import PagedKVBackend
 from common.kv.interface import ForwardBatch, KVBackend
 from common.kv.wire import decode_layer
 from common.loader import LoadedModel
-from common.sampling import Sampler
+from common.sampling import Sampler, TokenHistory, TokenLogprobs
+from common.structured import GrammarCompiler, advance, mask_logits
 from decode_service.scheduler import DecodeRequest
 
 
 class StepResult(NamedTuple):
     tokens: list[int]  # one sampled token per request of the batch
     attention_s: float  # wall time inside the backend's attend, all layers (0 when not measured)
+    logprobs: list[TokenLogprobs | None]  # per request, where it asked for logprobs
 
 
 class AttentionClock(KVBackend):
@@ -62,6 +64,7 @@ class DecodeRunner:
         self.layout = backend.layout
         self.device = next(loaded.model.parameters()).device
         self.sampler = Sampler()
+        self.grammars = GrammarCompiler(loaded.tokenizer, loaded.config.vocab_size)
         self.time_attention = profile_attention or self.device.type == "cpu"
 
     def allocate(self, seq_id: int, num_tokens: int) -> None:
@@ -82,8 +85,20 @@ class DecodeRunner:
         tokens = torch.tensor([r.last_token for r in batch], device=self.device)
         kv = AttentionClock(self.backend, self.device) if self.time_attention else self.backend
         logits = self.loaded.model(tokens, forward, kv)
-        sampled = self.sampler.sample(logits, [r.params for r in batch], [len(r.output_ids) for r in batch])
-        return StepResult(sampled, kv.elapsed_s if isinstance(kv, AttentionClock) else 0.0)
+        params = [r.params for r in batch]
+        logits = mask_logits(logits, self._grammars_of(batch))
+        histories = [TokenHistory(r.prompt_ids, r.output_ids) for r in batch] if any(p.penalized for p in params) \
+            else None
+        sampled = self.sampler.run(logits, params, [len(r.output_ids) for r in batch], histories)
+        advance([r.grammar for r in batch], sampled.tokens)
+        return StepResult(sampled.tokens, kv.elapsed_s if isinstance(kv, AttentionClock) else 0.0, sampled.logprobs)
+
+    def _grammars_of(self, batch: list[DecodeRequest]) -> list:
+        """Each request's matcher (None without structured output); a new one first replays the prefill's token."""
+        for request in batch:
+            if request.params.json_schema is not None and request.grammar is None:
+                request.grammar = self.grammars.matcher(request.params.json_schema, replay=request.output_ids)
+        return [request.grammar for request in batch]
 
     def free(self, seq_id: int) -> None:
         self.backend.free(seq_id)

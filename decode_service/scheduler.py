@@ -18,6 +18,7 @@ import enum
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from common.kv.format import KVLayout
 from common.sampling import SamplingParams
@@ -45,6 +46,8 @@ class DecodeRequest:
     state: RequestState = RequestState.WAITING_FOR_KV
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" or "length" when it ended normally
+    prompt_ids: tuple[int, ...] = ()  # only kept when a repetition penalty needs them
+    grammar: Any = None  # structured output: its llguidance matcher, built by the runner at the first step
     # Timers (time.monotonic) and batch statistics for DecodeTimers.
     admitted_at: float = field(default_factory=time.monotonic)
     kv_done_at: float = 0.0

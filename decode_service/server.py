@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from common.service import ServiceError, request_kv_mode, sampling_params
+from common.service import ServiceError, logprobs_to_proto, request_kv_mode, sampling_params
 from decode_service.engine import DecodeEngine, TokenEvent
 from decode_service.kv_receiver import KVReceiver
 from decode_service.scheduler import DecodeRequest, RequestState
@@ -51,8 +51,9 @@ class DecodeServicer(hack_pb2_grpc.DecodeServiceServicer):
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"prompt_len ({request.prompt_len}) plus max_tokens ({request.max_tokens}) exceeds "
                                f"the context window of {context_window} tokens")
-        params = sampling_params(request.sampling, request.max_tokens, tuple(request.stop_token_ids))
-        return self.engine.admit(request.request_id, request.prompt_len, params)
+        vocab_size = self.engine.runner.loaded.config.vocab_size
+        params = sampling_params(request.sampling, request.max_tokens, tuple(request.stop_token_ids), vocab_size)
+        return self.engine.admit(request.request_id, request.prompt_len, params, tuple(request.prompt_token_ids))
 
     async def PushKV(self, request_iterator: AsyncIterator[hack_pb2.KVChunk],
                      context: grpc.aio.ServicerContext) -> hack_pb2.PushKVResponse:
@@ -88,6 +89,7 @@ def _token_message(event: TokenEvent) -> hack_pb2.GeneratedToken:
         token_id=event.token_id,
         finish_reason=_FINISH_REASONS[event.finish_reason],
         timing=hack_pb2.TokenTiming(step_s=event.step_s, batch_size=event.batch_size),
+        logprobs=logprobs_to_proto(event.logprobs),
     )
     if event.timers is not None:
         message.timers.CopyFrom(hack_pb2.DecodeTimers(**vars(event.timers)))

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from common.sampling import SamplingParams
+from common.sampling import SamplingParams, TokenLogprobs
 from common.service import Counters, ServiceError, chunks_per_layer
 from prefill_service.kv_sender import DecodeStubs, KVSender, SendResult
 from prefill_service.token_bucket import TokenBucket
-from prefill_service.worker import PrefillWorker
+from prefill_service.worker import PrefillOutput, PrefillWorker
 from proto import hack_pb2
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class PrefillResult:
     compute_s: float
     transfer_s: float
     kv_bytes: int
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass
@@ -46,9 +47,10 @@ class PrefillJob:
     decode_address: str
     seq_id: int
     result: asyncio.Future = field(repr=False)
+    prompt_logprobs: int | None = None  # top logprobs per prompt token, when the request scores its prompt
     received_at: float = field(default_factory=time.monotonic)
     sender: KVSender | None = field(default=None, repr=False)
-    first_token: int = -1  # known once the forward ran
+    output: PrefillOutput | None = None  # known once the forward ran
     compute_s: float = 0.0
 
 
@@ -85,11 +87,11 @@ class PrefillEngine:
         return len(self._jobs)
 
     async def prefill(self, request_id: str, token_ids: list[int], params: SamplingParams,
-                      decode_address: str) -> PrefillResult:
+                      decode_address: str, prompt_logprobs: int | None = None) -> PrefillResult:
         if request_id in self._jobs:
             raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"request {request_id!r} is already being prefilled")
         job = PrefillJob(request_id, token_ids, params, decode_address, self._next_seq_id,
-                         asyncio.get_running_loop().create_future())
+                         asyncio.get_running_loop().create_future(), prompt_logprobs)
         self._next_seq_id += 1
         self._jobs[request_id] = job
         self._queue.append(job)
@@ -138,9 +140,9 @@ class PrefillEngine:
             loop.call_soon_threadsafe(by_seq[seq_id].sender.put_layer, layer, chunks)
 
         try:
-            first_tokens = await loop.run_in_executor(
+            outputs = await loop.run_in_executor(
                 self._model_thread, self.worker.run, list(by_seq), [j.token_ids for j in batch],
-                [j.params for j in batch], on_layer)
+                [j.params for j in batch], on_layer, [j.prompt_logprobs for j in batch])
         except Exception as error:  # a model error fails this batch, not the instance
             log.exception("prefill failed")
             for job in batch:
@@ -148,9 +150,9 @@ class PrefillEngine:
             return
         compute_s = time.monotonic() - started
         self.counters.max_batch_size = max(self.counters.max_batch_size, len(batch))
-        for job, token in zip(batch, first_tokens):
-            job.sender.finish(token)
-            job.first_token, job.compute_s = token, compute_s
+        for job, output in zip(batch, outputs):
+            job.sender.finish(output.first_token, output.first_logprobs)
+            job.output, job.compute_s = output, compute_s
 
     async def _push(self, job: PrefillJob, started: float) -> None:
         try:
@@ -164,8 +166,8 @@ class PrefillEngine:
         self.counters.generated_tokens += 1
         if job.result.done():  # the Prefill call was cancelled or abandoned while the push finished
             return
-        job.result.set_result(PrefillResult(job.first_token, started - job.received_at, job.compute_s,
-                                            sent.transfer_s, sent.kv_bytes))
+        job.result.set_result(PrefillResult(job.output.first_token, started - job.received_at, job.compute_s,
+                                            sent.transfer_s, sent.kv_bytes, job.output.prompt_logprobs))
 
     def _header(self, job: PrefillJob) -> hack_pb2.KVHeader:
         num_blocks = self.identity["num_layers"] * chunks_per_layer(self.worker.backend.layout, len(job.token_ids))

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from common.service import GRPC_OPTIONS, ServiceError
+from common.sampling import TokenLogprobs
+from common.service import GRPC_OPTIONS, ServiceError, logprobs_to_proto
 from prefill_service.token_bucket import TokenBucket
 from proto import hack_pb2, hack_pb2_grpc
 
@@ -34,6 +35,7 @@ class _Layer:
 @dataclass(frozen=True)
 class _Trailer:
     first_token: int
+    first_logprobs: TokenLogprobs | None
 
 
 class KVSender:
@@ -48,8 +50,8 @@ class KVSender:
     def put_layer(self, layer: int, chunks: list[bytes]) -> None:
         self._queue.put_nowait(_Layer(layer, chunks))
 
-    def finish(self, first_token: int) -> None:
-        self._queue.put_nowait(_Trailer(first_token))
+    def finish(self, first_token: int, first_logprobs: TokenLogprobs | None = None) -> None:
+        self._queue.put_nowait(_Trailer(first_token, first_logprobs))
 
     def abort(self) -> None:
         self._aborted = True
@@ -76,7 +78,9 @@ class KVSender:
         while True:
             item = await self._queue.get()
             if isinstance(item, _Trailer):
-                yield hack_pb2.KVChunk(trailer=hack_pb2.KVTrailer(first_token=item.first_token))
+                trailer = hack_pb2.KVTrailer(first_token=item.first_token,
+                                             first_logprobs=logprobs_to_proto(item.first_logprobs))
+                yield hack_pb2.KVChunk(trailer=trailer)
                 return
             for index, data in enumerate(item.chunks):
                 if self.link is not None:

@@ -42,8 +42,9 @@ def build_servicer(args: argparse.Namespace) -> PrefillServicer:
     backend = make_kv_backend(kv_config, loaded.config, param.device, param.dtype, max_tokens=max_tokens,
                               max_seqs=args.max_batch_seqs)
     link = TokenBucket.for_link(args.kv_link_gbps) if args.kv_link_gbps else None
-    engine = PrefillEngine(PrefillWorker(loaded, backend), kv_identity(loaded, backend.layout), args.token_budget,
-                           args.max_batch_seqs, link)
+    worker = PrefillWorker(loaded, backend)
+    worker.grammars.warm_up_in_background()  # structured output's token table, off the first request's path
+    engine = PrefillEngine(worker, kv_identity(loaded, backend.layout), args.token_budget, args.max_batch_seqs, link)
     return PrefillServicer(engine, kv_config.mode, loaded.config.context_window, loaded.config.vocab_size)
 
 

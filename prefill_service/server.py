@@ -6,7 +6,8 @@ import asyncio
 import grpc
 
 from common.sequence import validate_prompt
-from common.service import ServiceError, request_kv_mode, sampling_params
+from common.sampling import MAX_LOGPROBS
+from common.service import ServiceError, logprobs_to_proto, request_kv_mode, sampling_params
 from prefill_service.engine import PrefillEngine
 from proto import hack_pb2, hack_pb2_grpc
 
@@ -20,8 +21,11 @@ class PrefillServicer(hack_pb2_grpc.PrefillServiceServicer):
                       context: grpc.aio.ServicerContext) -> hack_pb2.PrefillResponse:
         try:
             self._validate(request)
-            result = await self.engine.prefill(request.request_id, list(request.token_ids),
-                                               sampling_params(request.sampling), request.decode_address)
+            params = sampling_params(request.sampling, stop_token_ids=tuple(request.stop_token_ids),
+                                     vocab_size=self.vocab_size)
+            prompt_logprobs = request.prompt_logprobs if request.HasField("prompt_logprobs") else None
+            result = await self.engine.prefill(request.request_id, list(request.token_ids), params,
+                                               request.decode_address, prompt_logprobs)
         except ServiceError as error:
             await context.abort(error.code, error.message)
         except asyncio.CancelledError:  # the router gave up on this call
@@ -29,7 +33,8 @@ class PrefillServicer(hack_pb2_grpc.PrefillServiceServicer):
             raise
         timings = hack_pb2.PrefillTimings(queue_s=result.queue_s, prefill_compute_s=result.compute_s,
                                           kv_transfer_s=result.transfer_s, kv_bytes=result.kv_bytes)
-        return hack_pb2.PrefillResponse(first_token=result.first_token, timings=timings)
+        return hack_pb2.PrefillResponse(first_token=result.first_token, timings=timings,
+                                        prompt_logprobs=map(logprobs_to_proto, result.prompt_logprobs or ()))
 
     def _validate(self, request: hack_pb2.PrefillRequest) -> None:
         request_kv_mode(request.kv_mode, self.kv_mode)
@@ -37,6 +42,9 @@ class PrefillServicer(hack_pb2_grpc.PrefillServiceServicer):
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
         if not request.decode_address:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "decode_address is empty")
+        if request.HasField("prompt_logprobs") and request.prompt_logprobs > MAX_LOGPROBS:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"prompt_logprobs must be <= {MAX_LOGPROBS}, got {request.prompt_logprobs}")
         try:  # the first token must fit in the context window too
             validate_prompt(list(request.token_ids), 1, self.context_window, self.vocab_size)
         except ValueError as error:

@@ -7,6 +7,7 @@ chunks to a callback, so the KV sender streams layer l while layer l + 1 compute
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -14,7 +15,8 @@ from common.kv.backends import PagedKVBackend
 from common.kv.interface import ForwardBatch, KVBackend
 from common.kv.wire import encode_layer
 from common.loader import LoadedModel
-from common.sampling import Sampler, SamplingParams
+from common.sampling import Sampler, SamplingParams, TokenHistory, TokenLogprobs
+from common.structured import GrammarCompiler, mask_logits
 
 LayerCallback = Callable[[int, int, list[bytes]], None]  # (seq_id, layer, that layer's wire chunks)
 
@@ -41,23 +43,53 @@ class LayerExporter(KVBackend):
         return self.backend.num_tokens(seq_id)
 
 
+@dataclass(frozen=True)
+class PrefillOutput:
+    first_token: int
+    first_logprobs: TokenLogprobs | None  # when the request asked for logprobs
+    prompt_logprobs: list[TokenLogprobs] | None  # prompt tokens 1.. (when asked for), for echo / scoring
+
+
 class PrefillWorker:
     def __init__(self, loaded: LoadedModel, backend: PagedKVBackend) -> None:
         self.loaded, self.backend = loaded, backend
         self.device = next(loaded.model.parameters()).device
+        self.sampler = Sampler()
+        self.grammars = GrammarCompiler(loaded.tokenizer, loaded.config.vocab_size)
 
     def run(self, seq_ids: list[int], prompts: list[list[int]], params: list[SamplingParams],
-            on_layer: LayerCallback) -> list[int]:
-        """Prefill the prompts together, stream their KV through on_layer, return each one's first token.
-        The pool holds the prompts only for the duration of the call."""
+            on_layer: LayerCallback, prompt_logprobs: list[int | None] | None = None) -> list[PrefillOutput]:
+        """Prefill the prompts together, stream their KV through on_layer, return each one's first token
+        (and the logprobs asked for). The pool holds the prompts only for the duration of the call."""
+        prompt_logprobs = prompt_logprobs or [None] * len(prompts)
         batch = ForwardBatch.build(seq_ids, [0] * len(seq_ids), [len(p) for p in prompts], self.device)
         exporter = LayerExporter(self.backend, on_layer)
-        sampler = Sampler()
+        want_all = any(k is not None for k in prompt_logprobs)
         try:
             exporter.reserve(batch)
             tokens = torch.tensor([t for prompt in prompts for t in prompt], device=self.device)
-            logits = self.loaded.model(tokens, batch, exporter)
-            return sampler.sample(logits, params, [0] * len(params))
+            logits = self.loaded.model(tokens, batch, exporter, logits="all" if want_all else "last")
+            last = logits[batch.cu_new[1:] - 1] if want_all else logits
+            last = mask_logits(last, [self.grammars.matcher(p.json_schema) if p.json_schema is not None else None
+                                      for p in params])
+            histories = [TokenHistory(prompt, ()) for prompt in prompts]
+            sampled = self.sampler.run(last, params, [0] * len(params), histories)
+            scored = [None if k is None else score_prompt(logits[batch.rows(i)], prompts[i], k)
+                      for i, k in enumerate(prompt_logprobs)]
+            return [PrefillOutput(token, lp, prompt_lp)
+                    for token, lp, prompt_lp in zip(sampled.tokens, sampled.logprobs, scored)]
         finally:
             for seq_id in seq_ids:
                 self.backend.free(seq_id)
+
+
+def score_prompt(logits: torch.Tensor, prompt: list[int], k: int) -> list[TokenLogprobs]:
+    """Logprob of each prompt token after the first given what precedes it, with the top k at each position."""
+    logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
+    targets = torch.tensor(prompt[1:], device=logits.device)[:, None]
+    parts = [logprobs.gather(1, targets).double()]
+    if k:
+        top = logprobs.topk(k, dim=-1)
+        parts += [top.indices.double(), top.values.double()]
+    rows = torch.cat(parts, dim=1).cpu().tolist()  # one transfer
+    return [TokenLogprobs(row[0], tuple(int(t) for t in row[1:1 + k]), tuple(row[1 + k:])) for row in rows]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as distribution_version
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -25,7 +27,7 @@ from router.instances import InstancePool
 from router.metrics import RouterMetrics
 from router.orchestrator import Orchestrator
 from router.policy import make_policy
-from router.protocol import ChatCompletionRequest, CompletionRequest, ModelList
+from router.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelList, TokenizeRequest
 from router.serving import OpenAIServing
 from router.tokenization import load_model_info, load_tokenizer
 
@@ -68,19 +70,37 @@ def build_app(config: RouterConfig) -> FastAPI:
     return app
 
 
+IGNORED_FIELDS_HEADER = "X-Ignored-Fields"  # the unknown request fields this server accepted and ignored
+
+
 @routes.post("/v1/completions")
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
-    return await _respond(request, _serving(request).completion(body))
+    return await _respond(request, _serving(request).completion(body), body.ignored_fields)
 
 
 @routes.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
-    return await _respond(request, _serving(request).chat_completion(body))
+    return await _respond(request, _serving(request).chat_completion(body), body.ignored_fields)
 
 
 @routes.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
     return _serving(request).models()
+
+
+@routes.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> Response:
+    return _json(_serving(request).tokenize(body), body.ignored_fields)
+
+
+@routes.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
+    return _json(_serving(request).detokenize(body), body.ignored_fields)
+
+
+@routes.get("/version")
+async def version() -> JSONResponse:
+    return JSONResponse({"version": package_version()})
 
 
 @routes.get("/health")
@@ -108,17 +128,34 @@ async def prometheus_metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+def package_version() -> str:
+    try:
+        return distribution_version("hack-serve")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
 def _serving(request: Request) -> OpenAIServing:
     return request.app.state.serving
 
 
-async def _respond(request: Request, work: Awaitable[BaseModel | AsyncIterator[str]]) -> Response:
+def _ignored_headers(ignored_fields: list[str]) -> dict[str, str]:
+    return {IGNORED_FIELDS_HEADER: ", ".join(ignored_fields)} if ignored_fields else {}
+
+
+def _json(result: BaseModel, ignored_fields: list[str]) -> JSONResponse:
+    return JSONResponse(result.model_dump(mode="json"), headers=_ignored_headers(ignored_fields))
+
+
+async def _respond(request: Request, work: Awaitable[BaseModel | AsyncIterator[str]],
+                   ignored_fields: list[str]) -> Response:
     result = await _cancel_on_disconnect(request, work)
     if result is None:
         return Response(status_code=HTTP_CLIENT_CLOSED_REQUEST)
     if isinstance(result, BaseModel):
-        return JSONResponse(result.model_dump(mode="json"))
-    return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _json(result, ignored_fields)
+    return StreamingResponse(result, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", **_ignored_headers(ignored_fields)})
 
 
 async def _cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | None:

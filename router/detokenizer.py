@@ -58,28 +58,32 @@ class StopStringMatcher:
     """Cuts the output at the first stop string, holding back text that may be the start of one.
 
     `feed` returns only text that can no longer become part of a stop string, so a stream never shows a
-    stop string's first characters and then has to take them back. The stop string itself is not emitted.
+    stop string's first characters and then has to take them back. The stop string itself is emitted only with
+    `include_stop` (vLLM's include_stop_str_in_output).
     """
 
-    def __init__(self, stop: Sequence[str]) -> None:
+    def __init__(self, stop: Sequence[str], include_stop: bool = False) -> None:
         if any(not s for s in stop):
             raise ValueError("stop strings must be non-empty")
         self._stop = tuple(stop)
+        self._include_stop = include_stop
         self._hold = max((len(s) for s in self._stop), default=1) - 1
         self._pending = ""
         self.stopped = False
 
-    def feed(self, text: str) -> str:
-        """Add new output text; returns the text that is safe to emit. Sets `stopped` on a match."""
+    def feed(self, text: str, check: bool = True) -> str:
+        """Add new output text; returns the text that is safe to emit. Sets `stopped` on a match.
+        `check=False` (before min_tokens are out) lets the text through without matching it."""
         if self.stopped:
             raise RuntimeError("feed() after a stop string matched")
         self._pending += text
-        cut = min((i for i in (self._pending.find(s) for s in self._stop) if i >= 0), default=-1)
-        if cut >= 0:
+        matches = [(i, len(s)) for i, s in ((self._pending.find(s), s) for s in self._stop) if i >= 0]
+        if check and matches:
+            cut, length = min(matches)
             self.stopped = True
-            out, self._pending = self._pending[:cut], ""
+            out, self._pending = self._pending[:cut + (length if self._include_stop else 0)], ""
             return out
-        safe = max(len(self._pending) - self._hold, 0)
+        safe = max(len(self._pending) - self._hold, 0) if check else len(self._pending)
         out, self._pending = self._pending[:safe], self._pending[safe:]
         return out
 

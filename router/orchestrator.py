@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -49,6 +49,12 @@ class GenerationRequest:
     stop_token_ids: tuple[int, ...]
     max_tokens: int
     kv_mode: hack_pb2.KVMode
+    prompt_logprobs: int | None = None  # score the prompt: each token's logprob and the top k (from P)
+
+    @property
+    def decode_needs_prompt(self) -> bool:
+        """Repetition penalty counts prompt tokens: only then does D get the prompt's ids."""
+        return self.sampling.repetition_penalty not in (0.0, 1.0)
 
 
 @dataclass(eq=False)
@@ -84,8 +90,13 @@ class Orchestrator:
         self._token_timeout_s = token_timeout_s
         self._background: set[asyncio.Task[None]] = set()
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[hack_pb2.GeneratedToken]:
-        """Every token of the request, the first one included; raises RouterError when an instance fails."""
+    async def generate(
+        self, request: GenerationRequest, on_prefill: Callable[[hack_pb2.PrefillResponse], None] | None = None
+    ) -> AsyncIterator[hack_pb2.GeneratedToken]:
+        """Every token of the request, the first one included; raises RouterError when an instance fails.
+
+        `on_prefill` gets the prefill's reply before the first token is yielded (prompt logprobs live there).
+        """
         run = _Run(request)
         try:
             await self._admit(run)
@@ -93,9 +104,19 @@ class Orchestrator:
             with self._pool.track(run.decode):
                 run.prefill_task = asyncio.create_task(self._prefill(run), name=f"prefill-{request.request_id}")
                 async for token in self._read_tokens(run):
+                    if on_prefill is not None and run.num_tokens == 1:
+                        on_prefill(await self._prefill_reply(run))
                     yield token
         finally:
             self._release(run)
+
+    async def _prefill_reply(self, run: _Run) -> hack_pb2.PrefillResponse:
+        assert run.prefill_task is not None and run.decode is not None
+        reply = await run.prefill_task
+        if reply is None:
+            raise RouterError(f"the prefill of request {run.request.request_id} failed after its KV reached "
+                              f"{run.decode.address}; its prompt logprobs are lost", status=502, code="prefill_lost")
+        return reply
 
     # ------------------------------------------------------------ decode side
 
@@ -109,6 +130,7 @@ class Orchestrator:
             stop_token_ids=request.stop_token_ids,
             max_tokens=request.max_tokens,
             kv_mode=request.kv_mode,
+            prompt_token_ids=request.prompt_ids if request.decode_needs_prompt else (),
         )
         failed: list[tuple[Instance, grpc.aio.AioRpcError]] = []
         while True:
@@ -194,6 +216,8 @@ class Orchestrator:
             sampling=request.sampling,
             decode_address=run.decode.address,
             kv_mode=request.kv_mode,
+            prompt_logprobs=request.prompt_logprobs,
+            stop_token_ids=request.stop_token_ids,
         )
         failed: list[tuple[Instance, grpc.aio.AioRpcError]] = []
         for attempt in range(1, self._max_prefill_attempts + 1):

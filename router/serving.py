@@ -12,17 +12,20 @@ Life cycle of one request:
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from pydantic import BaseModel
 from transformers import PreTrainedTokenizerBase
 
+from common.structured import GrammarError, check_schema, schema_text
 from proto import hack_pb2, kv_mode_to_proto
 from router.config import RouterConfig
 from router.detokenizer import IncrementalDetokenizer, StopStringMatcher
@@ -35,20 +38,29 @@ from router.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     ChatStreamChoice,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
     FinishReason,
     GenerationParams,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenLogprob,
+    TopLogprob,
     UsageInfo,
 )
 from router.tokenization import ModelInfo, encode_chat_prompt, encode_completion_prompt
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _FINISH_REASONS: dict[int, FinishReason | None] = {
     hack_pb2.FINISH_REASON_NONE: None,
@@ -58,10 +70,34 @@ _FINISH_REASONS: dict[int, FinishReason | None] = {
 
 
 @dataclass(frozen=True)
+class ScoredToken:
+    """A token of the output (or the echoed prompt) with its logprobs, when the client asked for them."""
+
+    token_id: int
+    logprobs: hack_pb2.TokenLogprobs | None  # None: the first prompt token (no context to score it)
+
+
+@dataclass(frozen=True)
 class TextOutput:
-    text: str  # new text since the previous output
+    index: int  # the choice
+    text: str  # new text since the previous output of this choice
     finish_reason: FinishReason | None
-    num_tokens: int  # completion tokens so far
+    num_tokens: int  # completion tokens of this choice so far
+    tokens: tuple[ScoredToken, ...] = ()  # tokens since the previous output, when logprobs were asked for
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """One of the request's n sequences and how its output is shaped."""
+
+    index: int
+    generation: GenerationRequest
+    stop_strings: list[str]
+    include_stop: bool
+    min_tokens: int
+    want_logprobs: bool
+    echo_text: str = ""  # completions' echo: the prompt text, sent before the output
+    discard_output: bool = False  # max_tokens 0: score the prompt, generate nothing
 
 
 class OpenAIServing:
@@ -78,75 +114,186 @@ class OpenAIServing:
         self._model_info = model_info
         self._orchestrator = orchestrator
         self._metrics = metrics
+        self._logged_ignored: set[str] = set()
 
     def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self._config.model_name, max_model_len=self._model_info.max_model_len)])
+        return ModelList(data=[ModelCard(id=self._config.model_name, root=self._config.model,
+                                         max_model_len=self._model_info.max_model_len)])
+
+    def note_ignored_fields(self, fields: list[str]) -> None:
+        """Log each unknown request field the first time a request sends it."""
+        new = [name for name in fields if name not in self._logged_ignored]
+        if new:
+            self._logged_ignored.update(new)
+            logger.warning("requests carry fields this server does not know; they are ignored: %s", ", ".join(new))
+
+    # ------------------------------------------------------------ tokenizer endpoints
+
+    def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+        self._check_model(request.model)
+        if request.messages is not None:
+            ids = encode_chat_prompt(self._tokenizer, [{"role": m.role, "content": m.text()} for m in request.messages])
+        else:
+            ids = self._tokenizer(request.prompt, add_special_tokens=request.add_special_tokens).input_ids
+        strs = self._tokenizer.convert_ids_to_tokens(ids) if request.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=self._model_info.max_model_len, tokens=ids,
+                                token_strs=strs)
+
+    def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+        self._check_model(request.model)
+        bad = [token for token in request.tokens if token >= self._model_info.vocab_size]
+        if bad:
+            raise invalid_request(f"token ids {bad[:8]} are outside the vocabulary "
+                                  f"[0, {self._model_info.vocab_size})", "tokens")
+        return DetokenizeResponse(prompt=self._tokenizer.decode(request.tokens))
+
+    # ------------------------------------------------------------ completions
 
     async def completion(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
         arrival = time.perf_counter()
-        generation = self._prepare("cmpl", request, lambda: encode_completion_prompt(
+        request_id, choices = self._prepare("cmpl", request, lambda: encode_completion_prompt(
             self._tokenizer, request.prompt, self._model_info.vocab_size))
-        outputs = self._text_outputs(generation, request.stop_strings, arrival)
-        prompt_len, created = len(generation.prompt_ids), int(time.time())
+        prompt_ids, created = choices[0].generation.prompt_ids, int(time.time())
+        if request.echo:
+            echo_text = request.prompt if isinstance(request.prompt, str) else self._tokenizer.decode(prompt_ids)
+            choices = [replace(choice, echo_text=echo_text) for choice in choices]
+        outputs = self._outputs(choices, arrival)
+        top_k = request.top_logprobs_count()
 
         def response(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> CompletionResponse:
-            return CompletionResponse(id=generation.request_id, created=created, model=request.model,
+            return CompletionResponse(id=request_id, created=created, model=request.model,
                                       choices=choices, usage=usage)
 
+        def render_logprobs(tokens: Sequence[ScoredToken], offset: int) -> CompletionLogprobs | None:
+            return None if top_k is None else self._completion_logprobs(tokens, top_k, offset)
+
         if not request.stream:
-            text, finish, num_tokens = await _collect(outputs)
-            return response([CompletionChoice(text=text, finish_reason=finish)], UsageInfo.of(prompt_len, num_tokens))
-        return await _event_stream(
-            outputs,
-            render=lambda output: response([CompletionChoice(text=output.text, finish_reason=output.finish_reason)]),
-            usage=(lambda n: response([], UsageInfo.of(prompt_len, n))) if request.include_usage else None,
-        )
+            collected = await _collect(outputs, len(choices))
+            return response(
+                [CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason,
+                                  logprobs=render_logprobs(c.tokens, 0)) for c in collected],
+                UsageInfo.of(len(prompt_ids), sum(c.num_tokens for c in collected)))
+        offsets = [0] * len(choices)
+
+        def render(output: TextOutput, usage: UsageInfo | None) -> CompletionResponse:
+            logprobs = render_logprobs(output.tokens, offsets[output.index])
+            offsets[output.index] += len(output.text)
+            return response([CompletionChoice(index=output.index, text=output.text, logprobs=logprobs,
+                                              finish_reason=output.finish_reason)], usage)
+
+        return await _event_stream(outputs, render, len(prompt_ids), request,
+                                   usage=lambda usage: response([], usage))
+
+    def _completion_logprobs(self, tokens: Sequence[ScoredToken], top_k: int, offset: int) -> CompletionLogprobs:
+        """The legacy shape; as vLLM, the top dict holds the k most likely tokens plus the chosen one."""
+        result = CompletionLogprobs()
+        for token in tokens:
+            text = self._token_str(token.token_id)
+            result.tokens.append(text)
+            result.text_offset.append(offset)
+            offset += len(text)
+            if token.logprobs is None:
+                result.token_logprobs.append(None)
+                result.top_logprobs.append(None)
+                continue
+            result.token_logprobs.append(token.logprobs.logprob)
+            top = {self._token_str(t): lp for t, lp in zip(token.logprobs.top_token_ids[:top_k],
+                                                            token.logprobs.top_logprobs[:top_k])}
+            top.setdefault(text, token.logprobs.logprob)
+            result.top_logprobs.append(top)
+        return result
+
+    # ------------------------------------------------------------ chat completions
 
     async def chat_completion(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
         arrival = time.perf_counter()
-        generation = self._prepare("chatcmpl", request, lambda: encode_chat_prompt(
+        request_id, choices = self._prepare("chatcmpl", request, lambda: encode_chat_prompt(
             self._tokenizer, request.template_messages()))
-        outputs = self._text_outputs(generation, request.stop_strings, arrival)
-        prompt_len, created = len(generation.prompt_ids), int(time.time())
+        prompt_len, created = len(choices[0].generation.prompt_ids), int(time.time())
+        outputs = self._outputs(choices, arrival)
+        top_k = request.top_logprobs_count()
+
+        def render_logprobs(tokens: Sequence[ScoredToken]) -> ChatLogprobs | None:
+            return None if top_k is None else ChatLogprobs(content=[self._chat_logprob(t, top_k) for t in tokens])
 
         if not request.stream:
-            text, finish, num_tokens = await _collect(outputs)
-            choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish)
-            return ChatCompletionResponse(id=generation.request_id, created=created, model=request.model,
-                                          choices=[choice], usage=UsageInfo.of(prompt_len, num_tokens))
+            collected = await _collect(outputs, len(choices))
+            return ChatCompletionResponse(
+                id=request_id, created=created, model=request.model,
+                choices=[ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
+                                    logprobs=render_logprobs(c.tokens), finish_reason=c.finish_reason)
+                         for c in collected],
+                usage=UsageInfo.of(prompt_len, sum(c.num_tokens for c in collected)))
 
         def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=generation.request_id, created=created, model=request.model,
+            return ChatCompletionChunk(id=request_id, created=created, model=request.model,
                                        choices=choices, usage=usage)
 
-        return await _event_stream(
-            outputs,
-            render=lambda output: chunk([ChatStreamChoice(delta=DeltaMessage(content=output.text or None),
-                                                          finish_reason=output.finish_reason)]),
-            usage=(lambda n: chunk([], UsageInfo.of(prompt_len, n))) if request.include_usage else None,
-            preamble=chunk([ChatStreamChoice(delta=DeltaMessage(role="assistant", content=""))]),
-        )
+        def render(output: TextOutput, usage: UsageInfo | None) -> ChatCompletionChunk:
+            return chunk([ChatStreamChoice(index=output.index, delta=DeltaMessage(content=output.text or None),
+                                           logprobs=render_logprobs(output.tokens),
+                                           finish_reason=output.finish_reason)], usage)
+
+        preamble = [chunk([ChatStreamChoice(index=c.index, delta=DeltaMessage(role="assistant", content=""))],
+                          UsageInfo.of(prompt_len, 0) if request.include_usage and request.continuous_usage
+                          else None) for c in choices]
+        return await _event_stream(outputs, render, prompt_len, request, usage=lambda usage: chunk([], usage),
+                                   preamble=preamble)
+
+    def _chat_logprob(self, token: ScoredToken, top_k: int) -> TokenLogprob:
+        assert token.logprobs is not None  # chat never echoes the prompt
+        text = self._token_str(token.token_id)
+        top = [TopLogprob(token=self._token_str(t), logprob=lp, bytes=list(self._token_str(t).encode()))
+               for t, lp in zip(token.logprobs.top_token_ids[:top_k], token.logprobs.top_logprobs[:top_k])]
+        return TokenLogprob(token=text, logprob=token.logprobs.logprob, bytes=list(text.encode()), top_logprobs=top)
+
+    def _token_str(self, token_id: int) -> str:
+        return self._tokenizer.decode([token_id])
 
     # ------------------------------------------------------------ request building
 
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self._config.model_name:
+            raise RouterError(f"The model `{model}` does not exist.", status=404, param="model",
+                              code="model_not_found")
+
     def _prepare(
         self, id_prefix: str, request: GenerationParams, encode_prompt: Callable[[], list[int]]
-    ) -> GenerationRequest:
-        """Check the request against the model and build what the instances need (a 4xx when it does not fit)."""
+    ) -> tuple[str, list[_Choice]]:
+        """Check the request against the model and build what the instances need (a 4xx when it does not fit):
+        the response id and one generation per choice, choice i seeded with seed + i (as vLLM's parallel
+        sampling). With n > 1 choice i runs as request `<id>-<i>`."""
         try:
-            if request.model != self._config.model_name:
-                raise RouterError(f"The model `{request.model}` does not exist.", status=404, param="model",
-                                  code="model_not_found")
-            return self._generation_request(f"{id_prefix}-{uuid.uuid4().hex}", request, encode_prompt())
+            self._check_model(request.model)
+            self.note_ignored_fields(request.ignored_fields)
+            request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+            base = self._generation_request(request_id, request, encode_prompt())
         except RouterError:
             self._metrics.requests.labels("invalid").inc()
             raise
+        choices = []
+        for index in range(request.n):
+            sampling = hack_pb2.SamplingParams()
+            sampling.CopyFrom(base.sampling)
+            if request.seed is not None:
+                sampling.seed = (request.seed + index) % 2**64
+            choice_id = request_id if request.n == 1 else f"{request_id}-{index}"
+            generation = replace(base, request_id=choice_id, sampling=sampling)
+            choices.append(_Choice(index, generation, request.stop_strings, request.include_stop_str_in_output,
+                                   request.min_tokens, request.top_logprobs_count() is not None,
+                                   discard_output=request.scores_prompt_only))
+        return request_id, choices
 
     def _generation_request(
         self, request_id: str, request: GenerationParams, prompt_ids: list[int]
     ) -> GenerationRequest:
         context, prompt_len = self._model_info.max_model_len, len(prompt_ids)
         requested = request.requested_max_tokens()
+        if request.scores_prompt_only:  # one token is generated and dropped
+            requested = 1
+        elif requested == 0:
+            raise invalid_request("max_tokens must be at least 1 (0 only scores the prompt, with `echo`)",
+                                  "max_tokens")
         max_tokens = requested if requested is not None else context - prompt_len  # fill the window, like vLLM
         if max_tokens < 1 or prompt_len + max_tokens > context:
             completion_len = max(max_tokens, 1)
@@ -156,6 +303,13 @@ class OpenAIServing:
                 "completion). Shorten the prompt or lower max_tokens.",
                 "max_tokens" if requested is not None else "prompt",
             )
+        vocab = self._model_info.vocab_size
+        bias = {int(token): value for token, value in (request.logit_bias or {}).items()}
+        bad = [token for token in [*bias, *(request.stop_token_ids or ())] if token >= vocab]
+        if bad:
+            raise invalid_request(f"token ids {bad[:8]} are outside the vocabulary [0, {vocab})",
+                                  "logit_bias" if bad[0] in bias else "stop_token_ids")
+        json_schema = self._json_schema(request)
         stop_ids = set(request.stop_token_ids or ())
         if not request.ignore_eos:
             stop_ids |= set(self._model_info.eos_token_ids)
@@ -164,6 +318,13 @@ class OpenAIServing:
             top_p=1.0 if request.top_p is None else request.top_p,
             top_k=max(request.top_k or 0, 0),
             seed=request.seed,
+            presence_penalty=request.presence_penalty or 0.0,
+            frequency_penalty=request.frequency_penalty or 0.0,
+            repetition_penalty=request.repetition_penalty or 1.0,
+            logit_bias=bias,
+            min_tokens=min(request.min_tokens, max_tokens),
+            logprobs=request.top_logprobs_count(),
+            json_schema=json_schema,
         )
         return GenerationRequest(
             request_id=request_id,
@@ -172,37 +333,74 @@ class OpenAIServing:
             stop_token_ids=tuple(sorted(stop_ids)),
             max_tokens=max_tokens,
             kv_mode=kv_mode_to_proto(request.kv_mode or self._config.kv_mode),
+            prompt_logprobs=request.prompt_logprobs_count(),
         )
+
+    @staticmethod
+    def _json_schema(request: GenerationParams) -> str | None:
+        """The JSON schema the output must match (response_format), checked here so a bad one is a 400."""
+        response_format = request.response_format
+        if response_format is None or response_format.type == "text":
+            return None
+        schema = schema_text(response_format.json_schema.schema_ if response_format.type == "json_schema" else None)
+        try:
+            check_schema(schema)
+        except GrammarError as error:
+            raise invalid_request(str(error), "response_format") from None
+        return schema
 
     # ------------------------------------------------------------ tokens to text
 
-    async def _text_outputs(
-        self, generation: GenerationRequest, stop_strings: list[str], arrival: float
-    ) -> AsyncIterator[TextOutput]:
-        """Text deltas of the request; the last one carries the finish reason. Counts the request's outcome."""
+    def _outputs(self, choices: list[_Choice], arrival: float) -> AsyncIterator[TextOutput]:
+        return _merge([self._text_outputs(choice, arrival) for choice in choices])
+
+    async def _text_outputs(self, choice: _Choice, arrival: float) -> AsyncIterator[TextOutput]:
+        """Text deltas of one choice; the last one carries the finish reason. Counts the request's outcome."""
+        generation = choice.generation
         detokenizer = IncrementalDetokenizer(self._tokenizer, generation.prompt_ids)
-        stops = StopStringMatcher(stop_strings)
+        stops = StopStringMatcher(choice.stop_strings, choice.include_stop)
         latency = _LatencyRecorder(self._metrics, arrival)
         self._metrics.prompt_tokens.inc(len(generation.prompt_ids))
+        prompt_scores: list[ScoredToken] = []
+
+        def on_prefill(reply: hack_pb2.PrefillResponse) -> None:
+            if len(reply.prompt_logprobs) != len(generation.prompt_ids) - 1:
+                raise RouterError(f"the prefill returned {len(reply.prompt_logprobs)} prompt logprobs for "
+                                  f"{len(generation.prompt_ids)} prompt tokens", status=502, code="protocol_error")
+            prompt_scores.extend(ScoredToken(token, lp) for token, lp in
+                                 zip(generation.prompt_ids, [None, *reply.prompt_logprobs]))
+
         status = "cancelled"
         try:
-            async with contextlib.aclosing(self._orchestrator.generate(generation)) as tokens:
+            tokens = self._orchestrator.generate(
+                generation, on_prefill if generation.prompt_logprobs is not None else None)
+            async with contextlib.aclosing(tokens):
                 num_tokens = 0
                 async for token in tokens:
                     num_tokens += 1
                     latency.token_arrived()
                     finish = _FINISH_REASONS.get(token.finish_reason, "stop")  # a reason added to the proto later
-                    text = stops.feed(_token_text(detokenizer, token.token_id, finish))
+                    if choice.discard_output:  # max_tokens 0: only the echoed prompt is the output
+                        finish, num_tokens = "length", 0
+                        scored: list[ScoredToken] = []
+                        text = ""
+                    else:
+                        scored = [ScoredToken(token.token_id, token.logprobs)] if choice.want_logprobs else []
+                        text = stops.feed(_token_text(detokenizer, token.token_id, finish),
+                                          check=num_tokens > choice.min_tokens)
                     if stops.stopped:
                         finish = "stop"
                     elif finish is not None:
                         text += stops.flush()
+                    if num_tokens <= 1 and choice.echo_text:
+                        text = choice.echo_text + text
+                        scored = prompt_scores + scored if choice.want_logprobs else scored
                     if finish is not None:
                         status = "success"
                         latency.finished()
                         self._metrics.generation_tokens.inc(num_tokens)
-                    if text or finish is not None:
-                        yield TextOutput(text, finish, num_tokens)
+                    if text or scored or finish is not None:
+                        yield TextOutput(choice.index, text, finish, num_tokens, tuple(scored))
                     if finish is not None:
                         return  # leaving `aclosing` cancels the request on D when a stop string ended it
         except RouterError as error:
@@ -239,38 +437,88 @@ class _LatencyRecorder:
         self._metrics.e2e_latency.observe(time.perf_counter() - self._arrival)
 
 
-async def _collect(outputs: AsyncIterator[TextOutput]) -> tuple[str, FinishReason, int]:
-    parts: list[str] = []
-    last: TextOutput | None = None
-    async for last in outputs:
-        parts.append(last.text)
-    assert last is not None and last.finish_reason is not None  # _text_outputs always ends with a finish
-    return "".join(parts), last.finish_reason, last.num_tokens
+@dataclass
+class _Collected:
+    index: int
+    text: str = ""
+    finish_reason: FinishReason = "stop"
+    num_tokens: int = 0
+    tokens: list[ScoredToken] = field(default_factory=list)
+
+
+async def _collect(outputs: AsyncIterator[TextOutput], n: int) -> list[_Collected]:
+    collected = [_Collected(index) for index in range(n)]
+    parts: list[list[str]] = [[] for _ in range(n)]
+    async with contextlib.aclosing(outputs):
+        async for output in outputs:
+            choice = collected[output.index]
+            parts[output.index].append(output.text)
+            choice.tokens.extend(output.tokens)
+            choice.num_tokens = output.num_tokens
+            if output.finish_reason is not None:
+                choice.finish_reason = output.finish_reason
+    for choice, texts in zip(collected, parts):
+        choice.text = "".join(texts)
+    return collected
+
+
+async def _merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[T]:
+    """Items of several streams as they come. A failing stream fails the merge; closing it closes them all."""
+    pending = {asyncio.ensure_future(anext(stream)): stream for stream in streams}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                stream = pending.pop(future)
+                try:
+                    item = future.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(stream))] = stream
+                yield item
+    finally:
+        for future in pending:
+            future.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
 
 
 async def _event_stream(
     outputs: AsyncIterator[TextOutput],
-    render: Callable[[TextOutput], BaseModel],
-    usage: Callable[[int], BaseModel] | None,
-    preamble: BaseModel | None = None,
+    render: Callable[[TextOutput, UsageInfo | None], BaseModel],
+    prompt_len: int,
+    request: GenerationParams,
+    usage: Callable[[UsageInfo], BaseModel],
+    preamble: Sequence[BaseModel] = (),
 ) -> AsyncIterator[str]:
     """Start the request, then return its SSE body. Errors before the first output raise (an HTTP error).
 
-    `render` makes the chunk of one output, `usage` the final usage chunk from the completion token count.
+    `render` makes the chunk of one output (with the usage so far under continuous_usage_stats), `usage` the
+    final usage chunk (with include_usage).
     """
     first = await anext(outputs)
+    continuous = request.include_usage and request.continuous_usage
+    tokens_per_choice: dict[int, int] = {}
+
+    def usage_now(output: TextOutput) -> UsageInfo:
+        tokens_per_choice[output.index] = output.num_tokens
+        return UsageInfo.of(prompt_len, sum(tokens_per_choice.values()))
 
     async def events() -> AsyncIterator[str]:
-        last = first
         try:
             async with contextlib.aclosing(outputs):
-                if preamble is not None:
-                    yield _sse(preamble)
-                yield _sse(render(first))
-                async for last in outputs:
-                    yield _sse(render(last))
-            if usage is not None:
-                yield _sse(usage(last.num_tokens))
+                for chunk in preamble:
+                    yield _sse(chunk)
+                output = first
+                while True:
+                    counted = usage_now(output)
+                    yield _sse(render(output, counted if continuous else None))
+                    output = await anext(outputs, None)
+                    if output is None:
+                        break
+            if request.include_usage:
+                yield _sse(usage(counted))
         except RouterError as error:
             logger.warning("stream failed after it started: %s", error.message)
             yield f"data: {json.dumps(error.to_dict())}\n\n"
@@ -281,7 +529,7 @@ async def _event_stream(
 
 def _sse(chunk: BaseModel) -> str:
     payload = chunk.model_dump(mode="json")
-    # As OpenAI streams: usage only on the final usage chunk, chat deltas without empty fields.
+    # As OpenAI streams: usage only where set, chat deltas without empty fields.
     if payload.get("usage", ...) is None:
         del payload["usage"]
     for choice in payload.get("choices", []):

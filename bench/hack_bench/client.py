@@ -190,8 +190,8 @@ def _shorten(message: str) -> str:
     return message if len(message) <= MAX_ERROR_CHARS else message[: MAX_ERROR_CHARS - 3] + "..."
 
 
-async def first_model_id(client: httpx.AsyncClient, base_url: str) -> str:
-    """The first model listed by the server's /v1/models (used when --model is not given)."""
+async def list_models(client: httpx.AsyncClient, base_url: str) -> list[dict[str, Any]]:
+    """The model entries of the server's /v1/models (id, and with vLLM-style servers root and max_model_len)."""
     url = f"{base_url}/v1/models"
     try:
         response = await client.get(url)
@@ -201,4 +201,16 @@ async def first_model_id(client: httpx.AsyncClient, base_url: str) -> str:
         raise BenchmarkError(f"cannot list models at {url} (is the server up?): {exc}") from exc
     if not models:
         raise BenchmarkError(f"{url} lists no model; pass --model")
-    return str(models[0]["id"])
+    return models
+
+
+async def first_model_id(client: httpx.AsyncClient, base_url: str) -> str:
+    """The first model listed by the server's /v1/models (used when --model is not given)."""
+    return str((await list_models(client, base_url))[0]["id"])
+
+
+async def server_model_root(client: httpx.AsyncClient, base_url: str, model: str | None) -> str | None:
+    """Where the server loads `model` (or its first model) from: the `root` of its /v1/models entry."""
+    models = await list_models(client, base_url)
+    entry = next((m for m in models if m.get("id") == model), models[0])
+    return entry.get("root")

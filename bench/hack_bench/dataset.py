@@ -117,7 +117,8 @@ def sample_requests(config: DatasetConfig, tokenizer: PreTrainedTokenizerBase | 
     if tokenizer is None and config.name in NEEDS_TOKENIZER:
         raise BenchmarkError(
             f"--dataset-name {config.name} needs a tokenizer: pass --tokenizer DIR "
-            "(or --model DIR when the model name is a local directory)"
+            "(or --model DIR when the model name is a local directory; without either, the server's model "
+            "directory from /v1/models is used when it is readable here)"
         )
     rng = np.random.default_rng(config.seed)
     samplers: dict[str, Callable[..., list[SampleRequest]]] = {

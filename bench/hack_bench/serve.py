@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 from transformers import PreTrainedTokenizerBase
 
 from bench.hack_bench import plots
-from bench.hack_bench.client import EndpointConfig, endpoint_is_chat, first_model_id
+from bench.hack_bench.client import EndpointConfig, endpoint_is_chat, first_model_id, server_model_root
 from bench.hack_bench.dataset import DATASET_NAMES, DatasetConfig, count_tokens, load_tokenizer, sample_requests
 from bench.hack_bench.metrics import GOODPUT_METRICS, LATENCY_METRICS, build_timeline, calculate_metrics
 from bench.hack_bench.records import BenchmarkError, RequestOutput
@@ -191,8 +192,10 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     load = load_config(args)
     dataset = dataset_config(args)
     tokenizer = load_tokenizer(args.tokenizer, args.model)
-    samples = sample_requests(dataset, tokenizer)
     async with make_http_client(load) as client:
+        if tokenizer is None:  # as `vllm bench serve`: the server's model directory holds the tokenizer
+            tokenizer = await tokenizer_from_server(client, base_url(args), args.model)
+        samples = sample_requests(dataset, tokenizer)
         model = args.model or await first_model_id(client, base_url(args))
         endpoint = endpoint_config(args, model)
         run_result = await run_benchmark(client, endpoint, samples, load)
@@ -206,6 +209,17 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if args.save_result:
         _save(args, result, model)
     return result
+
+
+async def tokenizer_from_server(client: httpx.AsyncClient, url: str, model: str | None
+                                ) -> PreTrainedTokenizerBase | None:
+    """The tokenizer of the model the server reports (its /v1/models `root`), when that directory is readable
+    here; None otherwise (datasets that need one then say so)."""
+    root = await server_model_root(client, url, model)
+    if root is None or not Path(root).is_dir():
+        return None
+    print(f"tokenizer: {root} (the server's model directory)")
+    return load_tokenizer(root, None)
 
 
 def fill_output_tokens(outputs: list[RequestOutput], tokenizer: PreTrainedTokenizerBase | None) -> None:

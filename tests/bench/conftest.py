@@ -66,10 +66,14 @@ def create_fake_openai_app() -> FastAPI:
     app = FastAPI()
     app.state.payloads = []
     app.state.load = {"in_flight": 0, "peak_in_flight": 0}
+    app.state.model_root = None  # the model directory /v1/models reports (as vLLM's `root`), when set
 
     @app.get("/v1/models")
     async def list_models() -> dict:
-        return {"object": "list", "data": [{"id": FAKE_MODEL, "object": "model"}]}
+        entry = {"id": FAKE_MODEL, "object": "model"}
+        if app.state.model_root is not None:
+            entry["root"] = app.state.model_root
+        return {"object": "list", "data": [entry]}
 
     async def respond(request: Request, chat: bool):
         payload = await request.json()

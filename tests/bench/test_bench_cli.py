@@ -130,6 +130,18 @@ def test_serve_random_dataset_over_chat(server, tiny_tokenizer_dir: Path, capsys
     assert {p["max_completion_tokens"] for p in chat_payloads} == {3}
 
 
+def test_serve_takes_the_tokenizer_from_the_servers_model_entry(server, tiny_tokenizer_dir: Path, capsys) -> None:
+    server.app.state.model_root = str(tiny_tokenizer_dir)
+    try:
+        args = ["serve", "--base-url", server.base_url, "--dataset-name", "random", "--random-input-len", "9",
+                "--random-output-len", "2", "--num-prompts", "2", "--disable-tqdm"]
+        assert main(args) == 0
+    finally:
+        server.app.state.model_root = None
+    out = capsys.readouterr().out
+    assert f"tokenizer: {tiny_tokenizer_dir}" in out and "Successful requests:                     2" in out
+
+
 def test_subcommands_are_registered_in_one_list() -> None:
     assert [c.name for c in SUBCOMMANDS] == ["serve", "compare", "experiment"]
     assert build_parser().parse_args(["compare", "a.json"]).command == "compare"

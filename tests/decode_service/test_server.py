@@ -146,7 +146,7 @@ def encoded_kv(services: Services, prompt: list[int]) -> tuple[list[tuple[int, b
     chunks: list[tuple[int, bytes]] = []
     first = services.prefill.engine.worker.run([0], [prompt], [SamplingParams(temperature=0.0)],
                                                lambda seq_id, layer, data: chunks.extend((layer, c) for c in data))
-    return chunks, first[0]
+    return chunks, first[0].first_token
 
 
 def push_messages(services: Services, request_id: str, prompt: list[int], chunks: list[tuple[int, bytes]],

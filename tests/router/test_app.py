@@ -123,12 +123,28 @@ async def test_ignore_eos_and_stop_token_ids_reach_the_decode_instance(byte_mode
         ({"model": "byte-model", "prompt": "x" * 600}, 400, "prompt"),
         ({"model": "byte-model", "prompt": [], "max_tokens": 3}, 400, "prompt"),
         ({"model": "byte-model", "prompt": [1, 9999]}, 400, "prompt"),
-        ({"model": "byte-model", "prompt": "hi", "n": 2}, 400, "n"),
+        ({"model": "byte-model", "prompt": "hi", "n": 17}, 400, "n"),
+        ({"model": "byte-model", "prompt": "hi", "max_tokens": True}, 400, "max_tokens"),
+        ({"model": "byte-model", "prompt": "hi", "max_tokens": "5"}, 400, "max_tokens"),
+        ({"model": "byte-model", "prompt": "hi", "ignore_eos": "yes"}, 400, "ignore_eos"),
+        ({"model": "byte-model", "prompt": "hi", "stop_token_ids": [-5]}, 400, "stop_token_ids.0"),
+        ({"model": "byte-model", "prompt": "hi", "stop_token_ids": [9999]}, 400, "stop_token_ids"),
+        ({"model": "byte-model", "prompt": "hi", "top_k": 2147483648}, 400, "top_k"),
+        ({"model": "byte-model", "prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+        ({"model": "byte-model", "prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+        ({"model": "byte-model", "prompt": "hi", "logit_bias": {"9999": 1}}, 400, "logit_bias"),
+        ({"model": "byte-model", "prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
+        ({"model": "byte-model", "prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+        ({"model": "byte-model", "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+        ({"model": "byte-model", "prompt": "hi", "best_of": 2}, 400, None),
+        ({"model": "byte-model", "prompt": "hi", "stream_options": {"include_usage": "yes"}, "stream": True},
+         400, "stream_options.include_usage"),
+        ({"model": "byte-model", "prompt": "hi", "response_format": {"type": "xml"}}, 400, "response_format.type"),
+        ({"model": "byte-model", "prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "objectx"}}}}, 400, "response_format"),
         ({"model": "byte-model", "prompt": "hi", "temperature": -1}, 400, "temperature"),
-        ({"model": "byte-model", "prompt": "hi", "logprobs": 3}, 400, None),
         ({"model": "byte-model", "prompt": "hi", "kv_mode": "int4"}, 400, "kv_mode"),
         ({"model": "byte-model", "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
-        ({"model": "byte-model", "prompt": "hi", "unknown_field": 1}, 400, "unknown_field"),
     ],
 )
 async def test_invalid_requests_get_openai_error_bodies(byte_model, payload, status, param):
@@ -172,3 +188,15 @@ async def test_models_health_ready_and_metrics(byte_model, byte_tokenizer):
     assert "hack_router_kv_transfer_bytes_total" in metrics and "hack_router_kv_transfer_seconds_count 1.0" in metrics
     assert f'hack_router_instance_healthy{{address="{c.decode_addresses[0]}",role="decode"}} 1.0' in metrics
     assert f'hack_router_decode_free_kv_blocks{{address="{c.decode_addresses[0]}"}} 1000.0' in metrics
+
+
+async def test_unknown_fields_are_ignored_and_named_and_chat_max_tokens_0_is_refused(byte_model, byte_tokenizer):
+    first, rest = script(byte_tokenizer, "ok")
+    async with cluster(byte_model, [FakePrefill(first)], [FakeDecode(rest)]) as c:
+        accepted = await c.client.post("/v1/completions", json={
+            "model": "byte-model", "prompt": "hi", "max_tokens": 5, "a_future_field": 1, "another": [1]})
+        refused = await c.client.post("/v1/chat/completions", json={
+            "model": "byte-model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0})
+    assert accepted.status_code == 200 and accepted.json()["choices"][0]["text"] == "ok"
+    assert accepted.headers["x-ignored-fields"] == "a_future_field, another"
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"

@@ -20,17 +20,27 @@ def test_defaults_leave_sampling_to_the_server():
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"n": 3}, "only n=1"),
+        ({"n": 17}, "less than or equal to 16"),
         ({"stop": ["ok", ""]}, "non-empty"),
         ({"stream_options": {"include_usage": True}}, "only allowed when `stream`"),
-        ({"echo": True}, "`echo` is not supported"),
-        ({"best_of": 2}, "`best_of` is not supported"),
-        ({"presence_penalty": 0.5}, "`presence_penalty` is not supported"),
+        ({"best_of": 2}, "`best_of` different from `n`"),
+        ({"presence_penalty": 2.5}, "less than or equal to 2"),
         ({"top_p": 0}, "greater than 0"),
         ({"top_k": -2}, "greater than or equal to -1"),
+        ({"top_k": 2**31}, "less than or equal to 2147483647"),
         ({"seed": -1}, "greater than or equal to 0"),
-        ({"max_tokens": -5}, "greater than or equal to 1"),
-        ({"temprature": 0.1}, "Extra inputs are not permitted"),
+        ({"max_tokens": -5}, "greater than or equal to 0"),
+        ({"max_tokens": True}, "valid integer"),
+        ({"max_tokens": "5"}, "valid integer"),
+        ({"temperature": "0.5"}, "valid number"),
+        ({"ignore_eos": "yes"}, "valid boolean"),
+        ({"stop_token_ids": [-5]}, "greater than or equal to 0"),
+        ({"logit_bias": {"a": 1.0}}, "keys must be token ids"),
+        ({"logit_bias": {"3": -101}}, r"in \[-100, 100\]"),
+        ({"min_tokens": 9, "max_tokens": 3}, "must not exceed"),
+        ({"logprobs": 21}, "less than or equal to 20"),
+        ({"suffix": "end"}, "`suffix` is not supported"),
+        ({"response_format": {"type": "json_schema"}}, "`json_schema.schema` is required"),
     ],
 )
 def test_invalid_fields_are_rejected_with_a_reason(fields, message):
@@ -38,10 +48,28 @@ def test_invalid_fields_are_rejected_with_a_reason(fields, message):
         completion(**fields)
 
 
-def test_neutral_values_of_unsupported_fields_are_accepted():
-    request = completion(logprobs=None, echo=False, best_of=1, presence_penalty=0, frequency_penalty=0.0,
-                         logit_bias={}, user="u1", n=1)
-    assert request.n == 1
+def test_unknown_fields_are_accepted_and_named():
+    request = completion(temprature=0.1, stream=True,
+                         stream_options={"include_usage": True, "continuous_usage_stats": True, "extra": 1})
+    assert request.ignored_fields == ["temprature", "stream_options.extra"]
+    assert request.include_usage and request.continuous_usage
+    assert completion().ignored_fields == []
+
+
+def test_sampling_extras_and_logprob_counts():
+    request = completion(logprobs=2, echo=True, presence_penalty=0.5, frequency_penalty=-1, repetition_penalty=1.2,
+                         logit_bias={"7": -100}, min_tokens=2, n=3, best_of=3, include_stop_str_in_output=True)
+    assert request.top_logprobs_count() == 2 and request.prompt_logprobs_count() == 2
+    assert completion(logprobs=0).prompt_logprobs_count() is None
+    assert completion(max_tokens=0, echo=True).scores_prompt_only and not completion(max_tokens=0).scores_prompt_only
+    assert not ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}],
+                                     max_tokens=0).scores_prompt_only
+    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], logprobs=True,
+                                 top_logprobs=3)
+    assert chat.top_logprobs_count() == 3 and chat.prompt_logprobs_count() is None
+    assert ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}]).top_logprobs_count() is None
+    with pytest.raises(ValidationError, match="needs `logprobs`"):
+        ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], top_logprobs=3)
 
 
 def test_prompt_forms():
