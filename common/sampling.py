@@ -16,6 +16,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()  # stop strings, applied to the detokenized text
     ignore_eos: bool = False
+    position_offset: int = 0  # output tokens generated before (a resumed request): seeds use absolute positions
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -26,6 +27,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.position_offset < 0:
+            raise ValueError(f"position_offset must be >= 0, got {self.position_offset}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
 
@@ -43,7 +46,7 @@ class Sampler:
         """logits: [B, V] float32; positions: how many tokens each sequence has generated so far."""
         tokens = []
         for row, p, position in zip(logits, params, positions, strict=True):
-            tokens.append(int(row.argmax()) if p.greedy else self._sample_row(row, p, position))
+            tokens.append(int(row.argmax()) if p.greedy else self._sample_row(row, p, p.position_offset + position))
         return tokens
 
     @staticmethod

@@ -105,7 +105,7 @@ class OpenAIServing:
     async def chat_completion(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
         arrival = time.perf_counter()
         generation = self._prepare("chatcmpl", request, lambda: encode_chat_prompt(
-            self._tokenizer, request.template_messages()))
+            self._tokenizer, self._checked_messages(request)))
         outputs = self._text_outputs(generation, request.stop_strings, arrival)
         prompt_len, created = len(generation.prompt_ids), int(time.time())
 
@@ -142,12 +142,21 @@ class OpenAIServing:
             self._metrics.requests.labels("invalid").inc()
             raise
 
+    def _checked_messages(self, request: ChatCompletionRequest) -> list[dict[str, str]]:
+        if len(request.messages) > self._config.max_messages:
+            raise invalid_request(f"{len(request.messages)} messages are more than this server's limit of "
+                                  f"{self._config.max_messages}", "messages")
+        return request.template_messages()
+
     def _generation_request(
         self, request_id: str, request: GenerationParams, prompt_ids: list[int]
     ) -> GenerationRequest:
         context, prompt_len = self._model_info.max_model_len, len(prompt_ids)
+        self._check_limits(request, prompt_len)
         requested = request.requested_max_tokens()
         max_tokens = requested if requested is not None else context - prompt_len  # fill the window, like vLLM
+        if requested is None and self._config.max_tokens_limit:
+            max_tokens = min(max_tokens, self._config.max_tokens_limit)
         if max_tokens < 1 or prompt_len + max_tokens > context:
             completion_len = max(max_tokens, 1)
             raise invalid_request(
@@ -156,13 +165,16 @@ class OpenAIServing:
                 "completion). Shorten the prompt or lower max_tokens.",
                 "max_tokens" if requested is not None else "prompt",
             )
+        vocab_size = self._model_info.vocab_size
         stop_ids = set(request.stop_token_ids or ())
+        if any(not 0 <= token < vocab_size for token in stop_ids):
+            raise invalid_request(f"stop_token_ids must be token ids in [0, {vocab_size})", "stop_token_ids")
         if not request.ignore_eos:
             stop_ids |= set(self._model_info.eos_token_ids)
         sampling = hack_pb2.SamplingParams(
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
-            top_k=max(request.top_k or 0, 0),
+            top_k=min(max(request.top_k or 0, 0), vocab_size),  # a k past the vocabulary keeps every token
             seed=request.seed,
         )
         return GenerationRequest(
@@ -173,6 +185,17 @@ class OpenAIServing:
             max_tokens=max_tokens,
             kv_mode=kv_mode_to_proto(request.kv_mode or self._config.kv_mode),
         )
+
+    def _check_limits(self, request: GenerationParams, prompt_len: int) -> None:
+        """This deployment's limits on prompt tokens and max_tokens (0 = only the context window)."""
+        limit = self._config.max_prompt_tokens
+        if limit and prompt_len > limit:
+            raise invalid_request(f"the prompt has {prompt_len} tokens, more than this server's limit of {limit}",
+                                  "messages" if isinstance(request, ChatCompletionRequest) else "prompt")
+        limit, requested = self._config.max_tokens_limit, request.requested_max_tokens()
+        if limit and requested is not None and requested > limit:
+            raise invalid_request(f"max_tokens {requested} is more than this server's limit of {limit}",
+                                  "max_tokens")
 
     # ------------------------------------------------------------ tokens to text
 
