@@ -131,6 +131,6 @@ def test_serve_random_dataset_over_chat(server, tiny_tokenizer_dir: Path, capsys
 
 
 def test_subcommands_are_registered_in_one_list() -> None:
-    assert [c.name for c in SUBCOMMANDS] == ["serve", "compare", "experiment"]
+    assert [c.name for c in SUBCOMMANDS] == ["serve", "compare", "experiment", "soak"]
     assert build_parser().parse_args(["compare", "a.json"]).command == "compare"
 
