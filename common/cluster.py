@@ -5,9 +5,12 @@
 Starts N `hack-prefill` and M `hack-decode` processes on free loopback ports and `hack-router` in front of them,
 waits until the router's /ready reports every instance healthy, prints the URL, and runs until
 Ctrl-C or SIGTERM, then stops every process (SIGTERM, then SIGKILL after a grace period). If a process dies while
-the cluster starts, it says which and exits non-zero. Later, a dying prefill or decode instance is only reported:
-the router takes it out of rotation and the cluster keeps serving; a dying router ends the cluster.
-`Cluster` is the same thing as a Python object, for tests and benchmarks.
+the cluster starts, it says which and exits non-zero. Later, a prefill or decode instance that exits (crash,
+kill -9, or a drain after someone's SIGTERM) is restarted on the same port after an exponential backoff, up to
+--max-restarts times in a row (a run of --stable-after seconds resets the count); meanwhile the router routes
+around it and takes it back once its health check passes. A dying router ends the cluster.
+`Cluster` is the same thing as a Python object, for tests and benchmarks (`supervise=True` restarts instances
+from a background thread).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +45,11 @@ class Process:
     name: str  # e.g. "prefill-0", "decode-1", "router"
     address: str  # host:port it serves
     popen: subprocess.Popen = field(repr=False)
+    command: list[str] = field(default_factory=list, repr=False)
+    started_at: float = field(default_factory=time.monotonic)
+    restarts: int = 0  # restarts in a row (reset once it ran --stable-after seconds)
+    restart_at: float | None = None  # when the pending restart is due
+    given_up: bool = False
 
     @property
     def alive(self) -> bool:
@@ -65,6 +74,10 @@ class ClusterConfig:
     router_args: tuple[str, ...] = ()
     start_timeout_s: float = 120.0
     host: str = LOOPBACK  # where the router listens (0.0.0.0 to serve other machines); instances stay on loopback
+    max_restarts: int = 5  # restarts in a row of one instance before the supervisor gives up on it
+    restart_backoff_s: float = 0.5  # first restart delay; doubles with each restart in a row
+    max_restart_backoff_s: float = 30.0
+    stable_after_s: float = 60.0  # an instance up this long has its restart count reset
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or self.num_decode < 1:
@@ -78,6 +91,11 @@ class ClusterConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.start_timeout_s <= 0:
             raise ValueError(f"start_timeout_s must be > 0, got {self.start_timeout_s}")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+        if not 0 < self.restart_backoff_s <= self.max_restart_backoff_s:
+            raise ValueError(f"need 0 < restart_backoff_s <= max_restart_backoff_s, got {self.restart_backoff_s} "
+                             f"and {self.max_restart_backoff_s}")
 
     @property
     def served_model_name(self) -> str:
@@ -87,10 +105,13 @@ class ClusterConfig:
 
 
 class Cluster:
-    def __init__(self, config: ClusterConfig) -> None:
+    def __init__(self, config: ClusterConfig, supervise: bool = False) -> None:
         self.config = config
         self.processes: list[Process] = []
         self.url = ""
+        self._supervise = supervise
+        self._supervisor: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     def __enter__(self) -> "Cluster":
         self.start()
@@ -121,6 +142,10 @@ class Cluster:
                 "--decode", *[p.address for p in self.by_role("decode")], *cfg.router_args])
             self.url = f"http://{router.address}"
             self._wait_ready(deadline)
+            if self._supervise:
+                self._supervisor = threading.Thread(target=self._supervise_forever, name="hack-cluster-supervisor",
+                                                    daemon=True)
+                self._supervisor.start()
         except BaseException:
             self.stop()
             raise
@@ -128,10 +153,54 @@ class Cluster:
     def _spawn(self, name: str, module: str, port: int, args: list[str]) -> Process:
         command = [sys.executable, "-m", module, "--port", str(port), *args]
         log.debug("starting %s: %s", name, " ".join(command))
-        env = child_environment(self.config.num_prefill + self.config.num_decode)
-        process = Process(name, f"{LOOPBACK}:{port}", subprocess.Popen(command, env=env))
+        process = Process(name, f"{LOOPBACK}:{port}", self._popen(command), command)
         self.processes.append(process)
         return process
+
+    def _popen(self, command: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(command, env=child_environment(self.config.num_prefill + self.config.num_decode))
+
+    # -- supervision ----------------------------------------------------------------------------------------------
+
+    def supervise_once(self, now: float | None = None) -> None:
+        """Restart the prefill and decode instances that exited, each after its backoff; give up after
+        max_restarts in a row. Call it often (main's loop, or the supervisor thread)."""
+        now = time.monotonic() if now is None else now
+        cfg = self.config
+        for process in self.processes:
+            if process.name == "router" or process.given_up or self._stopping.is_set():
+                continue
+            if process.alive:
+                if process.restarts and now - process.started_at >= cfg.stable_after_s:
+                    process.restarts = 0
+                continue
+            if process.restart_at is None:
+                self._schedule_restart(process, now)
+            elif now >= process.restart_at:
+                self._restart(process, now)
+
+    def _schedule_restart(self, process: Process, now: float) -> None:
+        cfg = self.config
+        if process.restarts >= cfg.max_restarts:
+            process.given_up = True
+            log.error("%s; it was restarted %d times in a row: giving up on it", process.describe_exit(),
+                      process.restarts)
+            return
+        delay = min(cfg.restart_backoff_s * 2 ** process.restarts, cfg.max_restart_backoff_s)
+        process.restart_at = now + delay
+        log.error("%s; restarting it in %.1f s (restart %d of at most %d in a row)", process.describe_exit(), delay,
+                  process.restarts + 1, cfg.max_restarts)
+
+    def _restart(self, process: Process, now: float) -> None:
+        process.popen = self._popen(process.command)
+        process.restarts += 1
+        process.started_at, process.restart_at = now, None
+        log.warning("%s restarted (pid %d); the router takes it back once its health check passes", process.name,
+                    process.popen.pid)
+
+    def _supervise_forever(self) -> None:
+        while not self._stopping.wait(0.1):
+            self.supervise_once()
 
     def _wait_ready(self, deadline: float) -> None:
         """Until the router's /ready lists every instance as healthy."""
@@ -153,6 +222,9 @@ class Cluster:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM every process (router first, so no new work arrives), SIGKILL what is left after grace_s."""
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join()
         for process in reversed(self.processes):
             if process.alive:
                 process.popen.terminate()
@@ -218,6 +290,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decode-arg", action="append", default=[], metavar="FLAG",
                         help="extra flag for every decode instance, e.g. --decode-arg=--kv-blocks=256 (repeatable)")
     parser.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    parser.add_argument("--max-restarts", type=int, default=5,
+                        help="restarts in a row of an instance that keeps exiting before giving up on it (default 5)")
+    parser.add_argument("--restart-backoff", type=float, default=0.5,
+                        help="seconds before the first restart; doubles with each restart in a row, up to 30 "
+                             "(default 0.5)")
     return parser.parse_args(argv)
 
 
@@ -228,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = ClusterConfig(model_from_env(args.model), args.prefill, args.decode, args.kv_mode, args.port,
                                args.policy, tuple(args.prefill_arg), tuple(args.decode_arg),
-                               start_timeout_s=args.start_timeout, host=args.host)
+                               start_timeout_s=args.start_timeout, host=args.host, max_restarts=args.max_restarts,
+                               restart_backoff_s=args.restart_backoff)
     except ValueError as error:
         print(f"hack-cluster: error: {error}", file=sys.stderr)
         return 2
@@ -256,16 +334,14 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _supervise(cluster: Cluster) -> int:
-    """Report instances that die; return (non-zero) when the router dies."""
-    reported: set[str] = set()
+    """Restart instances that exit; return (non-zero) when the router dies."""
     while True:
-        time.sleep(0.5)
-        for process in cluster.processes:
-            if not process.alive and process.name not in reported:
-                reported.add(process.name)
-                log.error("%s", process.describe_exit())
-                if process.name == "router":
-                    return 1
+        time.sleep(0.2)
+        cluster.supervise_once()
+        router = next(p for p in cluster.processes if p.name == "router")
+        if not router.alive:
+            log.error("%s", router.describe_exit())
+            return 1
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ class SamplingParams:
     min_tokens: int = 0  # stop_token_ids cannot be sampled before this many output tokens
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the top k
     json_schema: str | None = None  # structured output (common/structured.py masks the logits before sampling)
+    position_offset: int = 0  # output tokens generated before (a resumed request): seeds use absolute positions
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -43,6 +44,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.position_offset < 0:
+            raise ValueError(f"position_offset must be >= 0, got {self.position_offset}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
         if not -2 <= self.presence_penalty <= 2 or not -2 <= self.frequency_penalty <= 2:
@@ -102,6 +105,7 @@ class Sampler:
         sequence's prompt and output tokens (needed only by requests with penalties)."""
         if not len(params) == len(positions) == logits.shape[0]:
             raise ValueError(f"{logits.shape[0]} logit rows for {len(params)} params and {len(positions)} positions")
+        positions = [p.position_offset + position for p, position in zip(params, positions)]  # absolute positions
         logits = logits.float()
         num_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if num_logprobs is not None else None

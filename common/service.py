@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -18,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common.default_model import model_from_env
+from common.grpc_security import TransportSecurity, security_from_args
 from common.kv.config import KVConfig
 from common.kv.format import WIRE_VERSION, KVLayout
 from common.kv.options import add_kv_arguments
@@ -63,6 +65,9 @@ def add_model_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default=env("DTYPE", "auto"),
                         help="model compute dtype (env HACK_DTYPE)")
     parser.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="env HACK_LOG_LEVEL")
+    parser.add_argument("--drain-timeout", type=float, default=env("DRAIN_TIMEOUT_S", "30"),
+                        help="on SIGTERM, seconds running requests get to finish before the instance exits "
+                             "(new ones are refused at once; 0 = exit at once) (env HACK_DRAIN_TIMEOUT_S)")
     add_kv_arguments(parser)  # prefill and decode instances must agree on these
 
 
@@ -126,7 +131,7 @@ def sampling_params(message: hack_pb2.SamplingParams, max_tokens: int = 1, stop_
         params = SamplingParams(
             max_tokens=max_tokens, temperature=message.temperature, top_p=message.top_p or 1.0,
             top_k=message.top_k, seed=message.seed if message.HasField("seed") else None,
-            stop_token_ids=stop_token_ids,
+            stop_token_ids=stop_token_ids, position_offset=message.position_offset,
             presence_penalty=message.presence_penalty, frequency_penalty=message.frequency_penalty,
             repetition_penalty=message.repetition_penalty or 1.0, logit_bias=bias, min_tokens=message.min_tokens,
             logprobs=message.logprobs if message.HasField("logprobs") else None,
@@ -189,31 +194,52 @@ async def serve(
     host: str,
     port: int,
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    security: TransportSecurity | None = None,
+    engine: "ServiceEngine | None" = None,
+    drain_timeout_s: float = 0.0,
 ) -> None:
     """Serve until SIGINT/SIGTERM: `register` adds the servicers; health answers SERVING for "" and
-    service_name once the port is bound. Logs "listening on host:port" (what hack-cluster waits for)."""
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    service_name once the port is bound. Logs "listening on host:port" (what hack-cluster waits for).
+
+    The first signal drains: health turns NOT_SERVING (the router stops routing here), the engine admits
+    nothing new, and running requests get up to drain_timeout_s to finish; a second signal cuts the drain short.
+    """
+    security = security or TransportSecurity()
+    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=security.interceptors())
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = security.bind(server, f"{host}:{port}")
     if bound == 0:
         raise OSError(f"could not listen on {host}:{port}")
     await server.start()
     for name in ("", service_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("%s listening on %s:%d", service_name, host, bound)
-    stop = asyncio.Event()
+    log.info("%s listening on %s:%d%s", service_name, host, bound, " (TLS)" if security.tls_cert else "")
+    signals = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("%s stopping", service_name)
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
+    await signals.get()
     for name in ("", service_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if engine is not None and drain_timeout_s > 0:
+        await _drain(engine, service_name, drain_timeout_s, signals)
+    log.info("%s stopping", service_name)
     await server.stop(grace=2.0)
     if on_stop is not None:
         await on_stop()
+
+
+async def _drain(engine: "ServiceEngine", service_name: str, timeout_s: float, signals: asyncio.Queue) -> None:
+    """Admit nothing new; wait until the running requests are done, timeout_s passed or another signal came."""
+    engine.begin_drain()
+    log.info("%s draining: %d requests running, waiting up to %g s", service_name, engine.active_requests, timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while engine.active_requests and time.monotonic() < deadline and signals.empty():
+        await asyncio.sleep(0.05)
+    if engine.active_requests:
+        log.warning("%s stops with %d requests still running", service_name, engine.active_requests)
 
 
 def configure_logging(level: str) -> None:
@@ -224,6 +250,12 @@ class ServiceEngine(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+    def begin_drain(self) -> None:
+        """Refuse new requests with UNAVAILABLE from now on (requests already admitted carry on)."""
+
+    @property
+    def active_requests(self) -> int: ...
 
 
 class Servicer(Protocol):
@@ -247,10 +279,14 @@ def run_service(
     configure_logging(args.log_level)
 
     async def run() -> None:
+        if args.drain_timeout < 0:
+            raise ValueError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
+        security = security_from_args(args)
         servicer = build_servicer(args)
         await servicer.engine.start()
         await serve(lambda server: add_to_server(servicer, server), service_name, args.host, args.port,
-                    on_stop=servicer.engine.stop)
+                    on_stop=servicer.engine.stop, security=security, engine=servicer.engine,
+                    drain_timeout_s=args.drain_timeout)
 
     try:
         asyncio.run(run())

@@ -62,6 +62,7 @@ class DecodeEngine:
         self._kv_deadlines: dict[str, asyncio.TimerHandle] = {}
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
+        self.draining = False
 
     async def start(self) -> None:
         self._loop_task = asyncio.create_task(self._run(), name="decode-loop")
@@ -73,6 +74,13 @@ class DecodeEngine:
             self._loop_task.cancel()
         self._model_thread.shutdown(wait=True)
 
+    def begin_drain(self) -> None:
+        self.draining = True
+
+    @property
+    def active_requests(self) -> int:
+        return len(self.scheduler.requests)
+
     async def on_model_thread(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
 
@@ -83,6 +91,8 @@ class DecodeEngine:
         if params.repetition_penalty != 1 and len(prompt_ids) != prompt_len:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"repetition_penalty needs the {prompt_len} "
                                f"prompt token ids, got {len(prompt_ids)}")
+        if self.draining:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the decode instance is draining (shutting down)")
         try:
             request = self.scheduler.admit(request_id, prompt_len, params)
         except AdmissionError as error:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common.grpc_security import add_transport_args
 from common.kv.factory import make_kv_backend
 from common.kv.options import kv_config_from_args
 from common.service import add_model_args, env, kv_identity, load_service_model, run_service
@@ -20,6 +21,7 @@ DEFAULT_PORT = 50061
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hack-decode", description=__doc__.splitlines()[0])
     add_model_args(parser, DEFAULT_PORT)
+    add_transport_args(parser, server=True, client=False)
     capacity = parser.add_mutually_exclusive_group()
     capacity.add_argument("--kv-memory-mb", type=float, default=env("KV_MEMORY_MB", "512"),
                           help="KV pool size in MiB (env HACK_KV_MEMORY_MB; default 512)")

@@ -4,9 +4,13 @@ target serves.
 
     hack-healthcheck grpc localhost:50051 [SERVICE]   # grpc.health.v1 Check; SERVICE "" = the whole server
     hack-healthcheck http http://localhost:8000/ready  # any 2xx answer
+
+The gRPC probe speaks TLS when the instance does (HACK_TLS_CERT set), trusting HACK_TLS_CA or else the instance's
+own certificate (which must then name localhost); it needs no token: the health service stays open.
 """
 from __future__ import annotations
 
+import os
 import sys
 import urllib.request
 
@@ -17,7 +21,12 @@ def grpc_serving(address: str, service: str = "") -> bool:
     import grpc  # imported here so that the http probe starts fast
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    if os.environ.get("HACK_TLS_CERT"):
+        with open(os.environ.get("HACK_TLS_CA") or os.environ["HACK_TLS_CERT"], "rb") as file:
+            channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=file.read()))
+    else:
+        channel = grpc.insecure_channel(address)
+    with channel:
         request = health_pb2.HealthCheckRequest(service=service)
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=TIMEOUT_S)

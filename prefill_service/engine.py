@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from common.grpc_security import TransportSecurity
 from common.sampling import SamplingParams, TokenLogprobs
 from common.service import Counters, ServiceError, chunks_per_layer
 from prefill_service.kv_sender import DecodeStubs, KVSender, SendResult
@@ -56,13 +57,15 @@ class PrefillJob:
 
 class PrefillEngine:
     def __init__(self, worker: PrefillWorker, identity: dict[str, str | int], token_budget: int,
-                 max_batch_seqs: int, link: TokenBucket | None = None) -> None:
+                 max_batch_seqs: int, link: TokenBucket | None = None,
+                 security: TransportSecurity | None = None) -> None:
         if token_budget < 1 or max_batch_seqs < 1:
             raise ValueError(f"token_budget and max_batch_seqs must be >= 1, got {token_budget}, {max_batch_seqs}")
         self.worker, self.identity, self.link = worker, identity, link
         self.token_budget, self.max_batch_seqs = token_budget, max_batch_seqs
         self.counters = Counters()
-        self.stubs = DecodeStubs()
+        self.stubs = DecodeStubs(security)
+        self.draining = False
         self._queue: deque[PrefillJob] = deque()
         self._jobs: dict[str, PrefillJob] = {}  # queued or running, until their result is set
         self._wakeup = asyncio.Event()
@@ -81,6 +84,13 @@ class PrefillEngine:
         self._model_thread.shutdown(wait=True)
         await self.stubs.close()
 
+    def begin_drain(self) -> None:
+        self.draining = True
+
+    @property
+    def active_requests(self) -> int:
+        return len(self._jobs)
+
     @property
     def queue_len(self) -> int:
         """Requests received and not finished (queued, computing or pushing KV)."""
@@ -88,6 +98,8 @@ class PrefillEngine:
 
     async def prefill(self, request_id: str, token_ids: list[int], params: SamplingParams,
                       decode_address: str, prompt_logprobs: int | None = None) -> PrefillResult:
+        if self.draining:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the prefill instance is draining (shutting down)")
         if request_id in self._jobs:
             raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"request {request_id!r} is already being prefilled")
         job = PrefillJob(request_id, token_ids, params, decode_address, self._next_seq_id,

@@ -14,10 +14,16 @@ from dataclasses import dataclass
 
 import grpc
 
+from common.grpc_security import TransportSecurity
 from common.sampling import TokenLogprobs
 from common.service import GRPC_OPTIONS, ServiceError, logprobs_to_proto
 from prefill_service.token_bucket import TokenBucket
 from proto import hack_pb2, hack_pb2_grpc
+
+
+class DecodeRefused(ServiceError):
+    """The decode instance refused the KV or could not be reached: the Prefill call fails with its status, marked
+    (trailing metadata) so that the router blames the decode instance."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,7 @@ class KVSender:
         except asyncio.CancelledError:
             raise ServiceError(grpc.StatusCode.CANCELLED, "the KV push was cancelled") from None
         except grpc.aio.AioRpcError as error:
-            raise ServiceError(error.code(), f"decode instance {self.address} refused the KV: "
+            raise DecodeRefused(error.code(), f"decode instance {self.address} refused the KV: "
                                f"{error.details() or error.code().name}") from None
         return SendResult(self.kv_bytes, time.monotonic() - start)
 
@@ -96,14 +102,16 @@ class KVSender:
 
 
 class DecodeStubs:
-    """One channel per decode instance, opened on first use and kept for later pushes."""
+    """One channel per decode instance, opened on first use and kept for later pushes; each sends the internal
+    token and uses TLS as `security` says."""
 
-    def __init__(self) -> None:
+    def __init__(self, security: TransportSecurity | None = None) -> None:
+        self._security = security or TransportSecurity()
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def get(self, address: str) -> hack_pb2_grpc.DecodeServiceStub:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            self._channels[address] = self._security.channel(address, options=GRPC_OPTIONS)
         return hack_pb2_grpc.DecodeServiceStub(self._channels[address])
 
     async def close(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common.grpc_security import add_transport_args, security_from_args
 from common.kv.factory import make_kv_backend
 from common.kv.options import kv_config_from_args
 from common.service import add_model_args, env, kv_identity, load_service_model, run_service
@@ -20,6 +21,7 @@ DEFAULT_PORT = 50051
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="hack-prefill", description=__doc__.splitlines()[0])
     add_model_args(parser, DEFAULT_PORT)
+    add_transport_args(parser, server=True, client=True)  # client: its KV pushes to the decode instances
     parser.add_argument("--token-budget", type=int, default=env("PREFILL_TOKEN_BUDGET", "4096"),
                         help="prompt tokens per prefill batch; a longer prompt runs alone "
                              "(env HACK_PREFILL_TOKEN_BUDGET; default 4096)")
@@ -44,7 +46,8 @@ def build_servicer(args: argparse.Namespace) -> PrefillServicer:
     link = TokenBucket.for_link(args.kv_link_gbps) if args.kv_link_gbps else None
     worker = PrefillWorker(loaded, backend)
     worker.grammars.warm_up_in_background()  # structured output's token table, off the first request's path
-    engine = PrefillEngine(worker, kv_identity(loaded, backend.layout), args.token_budget, args.max_batch_seqs, link)
+    engine = PrefillEngine(worker, kv_identity(loaded, backend.layout), args.token_budget, args.max_batch_seqs, link,
+                            security_from_args(args))
     return PrefillServicer(engine, kv_config.mode, loaded.config.context_window, loaded.config.vocab_size)
 
 

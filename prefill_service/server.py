@@ -9,7 +9,8 @@ from common.sequence import validate_prompt
 from common.sampling import MAX_LOGPROBS
 from common.service import ServiceError, logprobs_to_proto, request_kv_mode, sampling_params
 from prefill_service.engine import PrefillEngine
-from proto import hack_pb2, hack_pb2_grpc
+from prefill_service.kv_sender import DecodeRefused
+from proto import FAILED_ROLE_METADATA_KEY, hack_pb2, hack_pb2_grpc
 
 
 class PrefillServicer(hack_pb2_grpc.PrefillServiceServicer):
@@ -27,7 +28,8 @@ class PrefillServicer(hack_pb2_grpc.PrefillServiceServicer):
             result = await self.engine.prefill(request.request_id, list(request.token_ids), params,
                                                request.decode_address, prompt_logprobs)
         except ServiceError as error:
-            await context.abort(error.code, error.message)
+            blame = ((FAILED_ROLE_METADATA_KEY, "decode"),) if isinstance(error, DecodeRefused) else ()
+            await context.abort(error.code, error.message, trailing_metadata=blame)
         except asyncio.CancelledError:  # the router gave up on this call
             self.engine.cancel(request.request_id)
             raise

@@ -10,6 +10,9 @@ from proto import hack_pb2, hack_pb2_grpc
 PREFILL_SERVICE_NAME: str = hack_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name
 DECODE_SERVICE_NAME: str = hack_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name
 
+# Trailing metadata of a failed Prefill whose cause is the decode instance (hack.proto, header comment).
+FAILED_ROLE_METADATA_KEY = "hack-failed-role"
+
 _KV_MODES: dict[str, int] = {
     "fp16": hack_pb2.KV_MODE_FP16,
     "dequant": hack_pb2.KV_MODE_DEQUANT,
@@ -36,6 +39,7 @@ def kv_mode_from_proto(value: int) -> str:
 
 __all__ = [
     "DECODE_SERVICE_NAME",
+    "FAILED_ROLE_METADATA_KEY",
     "KV_MODE_NAMES",
     "PREFILL_SERVICE_NAME",
     "hack_pb2",

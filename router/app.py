@@ -25,6 +25,7 @@ from router.config import RouterConfig
 from router.errors import RouterError
 from router.instances import InstancePool
 from router.metrics import RouterMetrics
+from router.middleware import CatchUnexpectedErrors, LimitBodySize, RequireApiKey
 from router.orchestrator import Orchestrator
 from router.policy import make_policy
 from router.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelList, TokenizeRequest
@@ -49,12 +50,13 @@ def build_app(config: RouterConfig) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # gRPC aio channels belong to the running loop, so the pool is built here and not in build_app.
         pool = InstancePool.connect(config.prefill_addresses, config.decode_addresses, make_policy(config.policy),
-                                    config.rpc_timeout_s, config.health_interval_s)
+                                    config.rpc_timeout_s, config.health_interval_s, config.security)
         metrics.watch_pool(pool)
         orchestrator = Orchestrator(pool, metrics, prefill_timeout_s=config.prefill_timeout_s,
                                     rpc_timeout_s=config.rpc_timeout_s,
                                     max_prefill_attempts=config.max_prefill_attempts,
-                                    token_timeout_s=config.token_timeout_s)
+                                    token_timeout_s=config.token_timeout_s,
+                                    max_migrations=config.max_migrations)
         app.state.pool = pool
         app.state.serving = OpenAIServing(config, tokenizer, model_info, orchestrator, metrics)
         await pool.start()
@@ -65,8 +67,15 @@ def build_app(config: RouterConfig) -> FastAPI:
 
     app = FastAPI(title="HACK serve router", lifespan=lifespan)
     app.state.metrics = metrics
+    app.state.metrics_poll_timeout_s = config.rpc_timeout_s + 0.25
     _add_error_handlers(app, metrics)
     app.include_router(routes)
+    # add_middleware wraps what is there: the last added runs first.
+    app.add_middleware(LimitBodySize, max_bytes=config.max_request_bytes)
+    if config.api_keys:
+        app.add_middleware(RequireApiKey, keys=config.api_keys)
+    app.add_middleware(CatchUnexpectedErrors)
+    _document_errors_as_served(app, config.api_keys)
     return app
 
 
@@ -104,9 +113,9 @@ async def version() -> JSONResponse:
 
 
 @routes.get("/health")
-async def health() -> Response:
+async def health() -> JSONResponse:
     """Liveness: the router process answers."""
-    return Response(status_code=200)
+    return JSONResponse({"status": "ok"})
 
 
 @routes.get("/ready")
@@ -125,6 +134,10 @@ async def ready(request: Request) -> JSONResponse:
 
 @routes.get("/metrics")
 async def prometheus_metrics(request: Request) -> Response:
+    """The metrics, with the instances' load and health polled right now (a dead instance drops out)."""
+    poll = asyncio.ensure_future(request.app.state.pool.poll_once())
+    # A poll ends within the RPC timeout (a dead instance: when its health check times out).
+    await asyncio.wait((poll,), timeout=request.app.state.metrics_poll_timeout_s)
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -200,11 +213,41 @@ def _add_error_handlers(app: FastAPI, metrics: RouterMetrics) -> None:
         body = RouterError(str(error.detail), status=error.status_code).to_dict()
         return JSONResponse(body, status_code=error.status_code, headers=error.headers)
 
-    @app.exception_handler(Exception)
-    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s", request.url.path)
-        body = RouterError(f"internal error: {type(error).__name__}", status=500).to_dict()
-        return JSONResponse(body, status_code=500)
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["message", "type"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
+}
+
+
+def _document_errors_as_served(app: FastAPI, api_keys: tuple[str, ...]) -> None:
+    """The OpenAPI schema with the errors the router really answers: 400 (not FastAPI's 422) for a bad request,
+    in the OpenAI error shape, plus 401 when API keys are set, 413, 404 (unknown model) and 503/504."""
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            schema.setdefault("components", {}).setdefault("schemas", {})["ErrorResponse"] = _ERROR_SCHEMA
+            reference = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+            for path, operations in schema.get("paths", {}).items():
+                for operation in operations.values():
+                    responses = operation.setdefault("responses", {})
+                    if responses.pop("422", None) is not None:
+                        responses["400"] = {"description": "Invalid request", **reference}
+                    if path.startswith("/v1/") and "requestBody" in operation:
+                        responses["413"] = {"description": "Request body too large", **reference}
+                        responses["404"] = {"description": "Unknown model", **reference}
+                        responses["503"] = {"description": "No instance can serve the request", **reference}
+                    if path.startswith("/v1/") and api_keys:
+                        responses["401"] = {"description": "Missing or wrong API key", **reference}
+            for schema_name in ("HTTPValidationError", "ValidationError"):
+                schema["components"]["schemas"].pop(schema_name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _validation_response(error: RequestValidationError) -> JSONResponse:

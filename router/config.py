@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.default_model import served_model_name
+from common.grpc_security import TransportSecurity
 from proto import KV_MODE_NAMES
 from router.policy import POLICIES
 
@@ -17,7 +18,7 @@ class RouterConfig:
     # (an embedded model's name, a directory's last component, a .gguf file's name without the suffix)
     policy: str = "round_robin"
     kv_mode: str = "hack"  # requests may pick another with the `kv_mode` extra field
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # loopback unless told otherwise (0.0.0.0 serves every interface)
     port: int = 8000
     max_model_len: int = 0  # 0 = the model config's max_position_embeddings
     health_interval_s: float = 2.0  # health checks and Stats polls of every instance
@@ -25,6 +26,14 @@ class RouterConfig:
     prefill_timeout_s: float = 600.0
     max_prefill_attempts: int = 3  # a prefill that fails before the first token is retried elsewhere
     token_timeout_s: float = 120.0  # once the KV is delivered, the longest wait for decode's next token
+    max_migrations: int = 2  # times a request may move to another decode instance after its own failed
+    api_keys: tuple[str, ...] = ()  # /v1/* needs `Authorization: Bearer <one of them>`; empty = open
+    security: TransportSecurity = TransportSecurity()  # internal token and TLS of the links to the instances
+    # Request limits (each a 4xx): body bytes, prompt tokens, chat messages, max_tokens; 0 = the context window.
+    max_request_bytes: int = 8 << 20
+    max_prompt_tokens: int = 0
+    max_messages: int = 1024
+    max_tokens_limit: int = 0
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -47,6 +56,14 @@ class RouterConfig:
         for name in ("health_interval_s", "rpc_timeout_s", "prefill_timeout_s", "token_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if any(not key for key in self.api_keys):
+            raise ValueError("an API key must not be empty")
+        for name in ("max_request_bytes", "max_messages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_prompt_tokens", "max_tokens_limit", "max_migrations"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_prefill_attempts < 1:
             raise ValueError(f"max_prefill_attempts must be >= 1, got {self.max_prefill_attempts}")
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.grpc_security import TransportSecurity
 from proto import DECODE_SERVICE_NAME, PREFILL_SERVICE_NAME, hack_pb2, hack_pb2_grpc
 from router.errors import no_healthy_instance
 
@@ -52,9 +53,10 @@ class Instance:
     failures: int = 0  # RPCs that failed with UNAVAILABLE
 
     @classmethod
-    def connect(cls, role: Role, address: str) -> "Instance":
-        """Create the channel (lazily connected); call from inside the event loop that will use it."""
-        channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+    def connect(cls, role: Role, address: str, security: TransportSecurity | None = None) -> "Instance":
+        """Create the channel (lazily connected; internal token and TLS per `security`); call from inside the
+        event loop that will use it."""
+        channel = (security or TransportSecurity()).channel(address, options=_CHANNEL_OPTIONS)
         stub_type = hack_pb2_grpc.PrefillServiceStub if role is Role.PREFILL else hack_pb2_grpc.DecodeServiceStub
         return cls(role, address, channel, stub_type(channel), health_pb2_grpc.HealthStub(channel))
 
@@ -81,10 +83,11 @@ class InstancePool:
         policy: "SelectionPolicy",
         rpc_timeout_s: float,
         health_interval_s: float,
+        security: TransportSecurity | None = None,
     ) -> "InstancePool":
         """A pool with one (lazily connected) channel per address; call from inside the serving event loop."""
-        instances = [Instance.connect(Role.PREFILL, address) for address in prefill_addresses]
-        instances += [Instance.connect(Role.DECODE, address) for address in decode_addresses]
+        instances = [Instance.connect(Role.PREFILL, address, security) for address in prefill_addresses]
+        instances += [Instance.connect(Role.DECODE, address, security) for address in decode_addresses]
         return cls(instances, policy, rpc_timeout_s, health_interval_s)
 
     def of_role(self, role: Role) -> list[Instance]:

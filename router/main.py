@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import uvicorn
 
 from common.default_model import model_from_env
+from common.grpc_security import add_transport_args, security_from_args
 from proto import KV_MODE_NAMES
 from router.config import RouterConfig
 from router.policy import POLICIES
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instance selection [HACK_POLICY]")
     parser.add_argument("--kv-mode", choices=KV_MODE_NAMES, default=env("HACK_KV_MODE", "hack"),
                         help="KV mode of requests that do not name one [HACK_KV_MODE]")
-    parser.add_argument("--host", default=env("HACK_HOST", "0.0.0.0"), help="[HACK_HOST]")
+    parser.add_argument("--host", default=env("HACK_HOST", "127.0.0.1"),
+                        help="listen address; 0.0.0.0 serves every interface [HACK_HOST]")
     # String defaults go through `type` too, so a bad HACK_* value is a usage error, not a traceback.
     parser.add_argument("--port", type=int, default=env("HACK_PORT", "8000"), help="[HACK_PORT]")
     parser.add_argument("--max-model-len", type=int, default=env("HACK_MAX_MODEL_LEN", "0"),
@@ -56,6 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token-timeout", type=float, default=env("HACK_TOKEN_TIMEOUT_S", "120"),
                         help="seconds a decode instance may stay silent once the KV is delivered; then the "
                              "request fails with an error [HACK_TOKEN_TIMEOUT_S]")
+    parser.add_argument("--max-migrations", type=int, default=env("HACK_MAX_MIGRATIONS", "2"),
+                        help="times a request whose decode instance fails mid-stream may resume on another one; "
+                             "0 = never [HACK_MAX_MIGRATIONS]")
+    security = parser.add_argument_group("security and limits")
+    security.add_argument("--api-key", nargs="+", default=_env_list("HACK_API_KEY"), metavar="KEY",
+                          help="accept /v1/* requests only with `Authorization: Bearer KEY` (one or more keys; "
+                               "/health, /ready and /metrics stay open) [HACK_API_KEY, comma separated]")
+    security.add_argument("--max-request-bytes", type=int, default=env("HACK_MAX_REQUEST_BYTES", str(8 << 20)),
+                          help="largest request body; larger ones get 413 [HACK_MAX_REQUEST_BYTES]")
+    security.add_argument("--max-prompt-tokens", type=int, default=env("HACK_MAX_PROMPT_TOKENS", "0"),
+                          help="longest prompt in tokens; 0 = the context window [HACK_MAX_PROMPT_TOKENS]")
+    security.add_argument("--max-messages", type=int, default=env("HACK_MAX_MESSAGES", "1024"),
+                          help="most messages in one chat request [HACK_MAX_MESSAGES]")
+    security.add_argument("--max-tokens-limit", type=int, default=env("HACK_MAX_TOKENS_LIMIT", "0"),
+                          help="largest max_tokens a request may ask for (also the default); 0 = the context "
+                               "window [HACK_MAX_TOKENS_LIMIT]")
+    add_transport_args(parser, server=False, client=True)
     parser.add_argument("--log-level", default=env("HACK_LOG_LEVEL", "info"), help="[HACK_LOG_LEVEL]")
     return parser
 
@@ -74,6 +93,13 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         health_interval_s=args.health_interval,
         prefill_timeout_s=args.prefill_timeout,
         token_timeout_s=args.token_timeout,
+        max_migrations=args.max_migrations,
+        api_keys=tuple(args.api_key),
+        security=security_from_args(args),
+        max_request_bytes=args.max_request_bytes,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_messages=args.max_messages,
+        max_tokens_limit=args.max_tokens_limit,
     )
 
 

@@ -2,7 +2,7 @@
 
 Latencies are what clients see (TTFT, inter-token latency, end-to-end); the KV transfer numbers come from each
 PrefillResponse and the decode timers from each request's last token. Per-instance load is read from the
-instance pool at scrape time, so it is never staler than the last Stats poll.
+instance pool at scrape time, right after a fresh Stats poll (app.py), and only for instances in rotation.
 """
 from __future__ import annotations
 
@@ -55,6 +55,8 @@ class RouterMetrics:
         self.generation_tokens = Counter("hack_router_generation_tokens", "Tokens streamed back.", registry=r)
         self.prefill_retries = Counter("hack_router_prefill_retries", "Prefills retried on another instance.",
                                        registry=r)
+        self.migrations = Counter("hack_router_migrations", "Requests resumed on another decode instance after "
+                                  "theirs failed mid-request.", registry=r)
         for status in REQUEST_STATUSES:
             self.requests.labels(status)  # export zeros before the first request
 
@@ -100,8 +102,8 @@ class _InstancePoolCollector(Collector):
             healthy.add_metric(key, float(instance.healthy))
             inflight.add_metric(key, instance.inflight)
             failures.add_metric(key, instance.failures)
-            if instance.stats is None:
-                continue
+            if instance.stats is None or not instance.healthy:
+                continue  # no stale numbers for an instance out of rotation (a dead one keeps none)
             if instance.role is Role.DECODE:
                 free_blocks.add_metric([instance.address], instance.stats.free_kv_blocks)
                 running.add_metric([instance.address], instance.stats.running_seqs)

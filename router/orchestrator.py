@@ -11,6 +11,12 @@ D is opened first so that it has admitted the request (and reserved KV room, or 
 RESOURCE_EXHAUSTED, in which case another D is tried) before any prefill compute is spent, and so that the
 KV pushed by P always finds the request registered. Closing the generator early (stop string, client gone,
 error) cancels the Generate call and the running prefill, and sends Cancel to both instances.
+
+Migration: when D fails mid-request (connection lost, UNAVAILABLE or another server-side status, silent past
+the token timeout, or refusing the KV for such a reason), the request resumes on another D: a new attempt whose
+prompt is the original prompt plus every token streamed so far, max_tokens what is left, and sampling positions
+offset by the tokens already out (seeded draws stay those of the uninterrupted run). P runs the whole new prompt
+again, so the client's stream just goes on, with no token repeated or missing. At most `max_migrations` times.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from proto import hack_pb2
+from proto import FAILED_ROLE_METADATA_KEY, hack_pb2, kv_mode_from_proto
 from router.errors import RouterError, upstream_error
 from router.instances import Instance, InstancePool, Role
 from router.metrics import RouterMetrics
@@ -39,6 +45,16 @@ _PREFILL_RETRY_CODES = frozenset({
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.ABORTED,
 })
+# A decode instance that fails a running request with these is left for another one (migration); other codes
+# (INVALID_ARGUMENT, FAILED_PRECONDITION, CANCELLED, ...) say the request itself cannot go on.
+_MIGRATION_CODES = frozenset({
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.DATA_LOSS,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+})
 
 
 @dataclass(frozen=True)
@@ -55,6 +71,24 @@ class GenerationRequest:
     def decode_needs_prompt(self) -> bool:
         """Repetition penalty counts prompt tokens: only then does D get the prompt's ids."""
         return self.sampling.repetition_penalty not in (0.0, 1.0)
+
+    def resumed(self, attempt: int, generated: list[int]) -> "GenerationRequest":
+        """The request again, from after the `generated` tokens (a migration to another decode instance)."""
+        sampling = hack_pb2.SamplingParams()
+        sampling.CopyFrom(self.sampling)
+        sampling.position_offset += len(generated)
+        return GenerationRequest(request_id=f"{self.request_id}-m{attempt}",
+                                 prompt_ids=self.prompt_ids + tuple(generated), sampling=sampling,
+                                 stop_token_ids=self.stop_token_ids, max_tokens=self.max_tokens - len(generated),
+                                 kv_mode=self.kv_mode)
+
+
+class _DecodeFailed(Exception):
+    """The decode instance failed the request in a way another decode instance may not (migration)."""
+
+    def __init__(self, error: RouterError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 @dataclass(eq=False)
@@ -81,6 +115,7 @@ class Orchestrator:
         rpc_timeout_s: float,
         max_prefill_attempts: int,
         token_timeout_s: float = 120.0,
+        max_migrations: int = 2,
     ) -> None:
         self._pool = pool
         self._metrics = metrics
@@ -88,27 +123,54 @@ class Orchestrator:
         self._rpc_timeout_s = rpc_timeout_s
         self._max_prefill_attempts = max_prefill_attempts
         self._token_timeout_s = token_timeout_s
+        self._max_migrations = max_migrations
         self._background: set[asyncio.Task[None]] = set()
 
     async def generate(
         self, request: GenerationRequest, on_prefill: Callable[[hack_pb2.PrefillResponse], None] | None = None
     ) -> AsyncIterator[hack_pb2.GeneratedToken]:
-        """Every token of the request, the first one included; raises RouterError when an instance fails.
+        """Every token of the request, the first one included; raises RouterError when an instance fails and
+        the request cannot be migrated (no attempt or no other decode instance left).
 
-        `on_prefill` gets the prefill's reply before the first token is yielded (prompt logprobs live there).
+        `on_prefill` gets the first prefill's reply before the first token is yielded (prompt logprobs live there).
         """
-        run = _Run(request)
-        try:
-            await self._admit(run)
-            assert run.decode is not None
-            with self._pool.track(run.decode):
-                run.prefill_task = asyncio.create_task(self._prefill(run), name=f"prefill-{request.request_id}")
-                async for token in self._read_tokens(run):
-                    if on_prefill is not None and run.num_tokens == 1:
-                        on_prefill(await self._prefill_reply(run))
-                    yield token
-        finally:
-            self._release(run)
+        generated: list[int] = []
+        failed_decodes: list[Instance] = []
+        attempt = request
+        while True:
+            run = _Run(attempt)
+            try:
+                await self._admit(run, failed_decodes)
+                assert run.decode is not None
+                with self._pool.track(run.decode):
+                    run.prefill_task = asyncio.create_task(self._prefill(run), name=f"prefill-{attempt.request_id}")
+                    async for token in self._read_tokens(run):
+                        if on_prefill is not None and not generated:
+                            on_prefill(await self._prefill_reply(run))
+                        generated.append(token.token_id)
+                        yield token
+                return
+            except _DecodeFailed as failure:
+                if run.decode is not None:
+                    failed_decodes.append(run.decode)
+                attempt = self._migration(request, failure.error, failed_decodes, generated)
+            finally:
+                self._release(run)
+
+    def _migration(self, request: GenerationRequest, error: RouterError, failed_decodes: list[Instance],
+                   generated: list[int]) -> GenerationRequest:
+        """The next attempt of a request whose decode instance failed, or the error when none is left."""
+        migrations = len(failed_decodes)
+        if migrations > self._max_migrations:
+            error.message += f" (the request was already migrated {self._max_migrations} times)"
+            raise error
+        if not any(i.healthy and i not in failed_decodes for i in self._pool.of_role(Role.DECODE)):
+            error.message += " (no other healthy decode instance to migrate the request to)"
+            raise error
+        logger.warning("request %s: %s; migrating it to another decode instance after %d tokens (attempt %d)",
+                       request.request_id, error.message, len(generated), migrations + 1)
+        self._metrics.migrations.inc()
+        return request.resumed(migrations, generated)
 
     async def _prefill_reply(self, run: _Run) -> hack_pb2.PrefillResponse:
         assert run.prefill_task is not None and run.decode is not None
@@ -120,8 +182,8 @@ class Orchestrator:
 
     # ------------------------------------------------------------ decode side
 
-    async def _admit(self, run: _Run) -> None:
-        """Open Generate on a decode instance that accepts the request."""
+    async def _admit(self, run: _Run, exclude: list[Instance]) -> None:
+        """Open Generate on a decode instance (not in `exclude`) that accepts the request."""
         request = run.request
         message = hack_pb2.GenerateRequest(
             request_id=request.request_id,
@@ -134,7 +196,7 @@ class Orchestrator:
         )
         failed: list[tuple[Instance, grpc.aio.AioRpcError]] = []
         while True:
-            decode = self._pick(Role.DECODE, failed)
+            decode = self._pick(Role.DECODE, failed, request.kv_mode, exclude)
             run.decode, run.call, run.call_closed_by_decode = decode, decode.stub.Generate(message), False
             try:
                 first = await run.call.read()
@@ -186,8 +248,9 @@ class Orchestrator:
                 # The KV is delivered: a decode instance that stays silent now is stuck, not busy with prefill.
                 await asyncio.wait((read,), timeout=self._token_timeout_s)
                 if not read.done():
-                    raise RouterError(f"decode instance {run.decode.address} sent no token for "
-                                      f"{self._token_timeout_s:g} s", status=504, code="decode_timeout")
+                    raise _DecodeFailed(RouterError(f"decode instance {run.decode.address} sent no token for "
+                                                    f"{self._token_timeout_s:g} s", status=504,
+                                                    code="decode_timeout"))
             message = await read
             if message is grpc.aio.EOF:
                 run.call_closed_by_decode = True
@@ -195,8 +258,7 @@ class Orchestrator:
             return message
         except grpc.aio.AioRpcError as error:
             run.call_closed_by_decode = True
-            self._pool.report_failure(run.decode, error)
-            raise upstream_error(Role.DECODE.value, run.decode.address, error) from error
+            raise self._decode_error(run.decode, error) from error
         finally:
             if not read.done():
                 read.cancel()  # cancels the Generate call too; we only get here when failing
@@ -221,10 +283,12 @@ class Orchestrator:
         )
         failed: list[tuple[Instance, grpc.aio.AioRpcError]] = []
         for attempt in range(1, self._max_prefill_attempts + 1):
-            prefill = self._pick(Role.PREFILL, failed)
+            prefill = self._pick(Role.PREFILL, failed, request.kv_mode)
             try:
                 response = await self._prefill_on(prefill, run, message)
             except grpc.aio.AioRpcError as error:
+                if _blames_decode(error):  # the decode instance refused or lost the KV: it is the one to replace
+                    raise self._decode_error(run.decode, error) from error
                 failed.append((prefill, error))
                 if error.code() not in _PREFILL_RETRY_CODES or run.num_tokens or attempt == self._max_prefill_attempts:
                     break
@@ -250,22 +314,38 @@ class Orchestrator:
             with self._pool.track(prefill):
                 return await prefill.stub.Prefill(message, timeout=self._prefill_timeout_s)
         except grpc.aio.AioRpcError as error:
-            self._pool.report_failure(prefill, error)
+            if not _blames_decode(error):
+                self._pool.report_failure(prefill, error)
             raise
         finally:
             run.prefill = None
 
     # ------------------------------------------------------------ shared
 
-    def _pick(self, role: Role, failed: list[tuple[Instance, grpc.aio.AioRpcError]]) -> Instance:
-        """The next instance to try. When none is left, the last failure is the error worth reporting."""
+    def _pick(self, role: Role, failed: list[tuple[Instance, grpc.aio.AioRpcError]], kv_mode: int,
+              exclude: list[Instance] = ()) -> Instance:
+        """The next instance to try: healthy, serving the request's KV mode, not failed or excluded. When none
+        is left, the last failure is the error worth reporting; a KV mode no instance serves is the client's."""
+        other_mode = [i for i in self._pool.of_role(role) if i.stats is not None
+                      and i.stats.kv_mode not in (kv_mode, hack_pb2.KV_MODE_UNSPECIFIED)]
         try:
-            return self._pool.pick(role, exclude=[instance for instance, _ in failed])
+            return self._pool.pick(role, exclude=[*other_mode, *exclude, *(instance for instance, _ in failed)])
         except RouterError:
-            if not failed:
-                raise
-            instance, error = failed[-1]
-            raise upstream_error(role.value, instance.address, error) from error
+            if failed:
+                instance, error = failed[-1]
+                raise upstream_error(role.value, instance.address, error) from error
+            served = sorted({kv_mode_from_proto(i.stats.kv_mode) for i in other_mode if i.healthy})
+            if served and not exclude:
+                raise RouterError(f"kv_mode {kv_mode_from_proto(kv_mode)!r} is not served by this deployment "
+                                  f"(it serves {', '.join(served)})", status=400, param="kv_mode",
+                                  code="kv_mode_not_served") from None
+            raise
+
+    def _decode_error(self, decode: Instance, error: grpc.aio.AioRpcError) -> RouterError | _DecodeFailed:
+        """A failed decode RPC as the client would see it, wrapped for migration when another instance may do."""
+        self._pool.report_failure(decode, error)
+        client_error = upstream_error(Role.DECODE.value, decode.address, error)
+        return _DecodeFailed(client_error) if error.code() in _MIGRATION_CODES else client_error
 
     def _release(self, run: _Run) -> None:
         """Stop whatever the request still holds on the instances.
@@ -305,6 +385,12 @@ class Orchestrator:
             self._pool.report_failure(instance, error)
             logger.info("Cancel(%s) on %s %s failed: %s", request_id, instance.role.value, instance.address,
                         error.code().name)
+
+
+def _blames_decode(error: grpc.aio.AioRpcError) -> bool:
+    """A Prefill that failed because of its decode instance (trailing metadata set by the prefill instance)."""
+    metadata = error.trailing_metadata() or ()
+    return any(key == FAILED_ROLE_METADATA_KEY and value == "decode" for key, value in metadata)
 
 
 def _protocol_error(instance: Instance, what: str) -> RouterError:

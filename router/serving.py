@@ -208,7 +208,7 @@ class OpenAIServing:
     async def chat_completion(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
         arrival = time.perf_counter()
         request_id, choices = self._prepare("chatcmpl", request, lambda: encode_chat_prompt(
-            self._tokenizer, request.template_messages()))
+            self._tokenizer, self._checked_messages(request)))
         prompt_len, created = len(choices[0].generation.prompt_ids), int(time.time())
         outputs = self._outputs(choices, arrival)
         top_k = request.top_logprobs_count()
@@ -284,10 +284,17 @@ class OpenAIServing:
                                    discard_output=request.scores_prompt_only))
         return request_id, choices
 
+    def _checked_messages(self, request: ChatCompletionRequest) -> list[dict[str, str]]:
+        if len(request.messages) > self._config.max_messages:
+            raise invalid_request(f"{len(request.messages)} messages are more than this server's limit of "
+                                  f"{self._config.max_messages}", "messages")
+        return request.template_messages()
+
     def _generation_request(
         self, request_id: str, request: GenerationParams, prompt_ids: list[int]
     ) -> GenerationRequest:
         context, prompt_len = self._model_info.max_model_len, len(prompt_ids)
+        self._check_limits(request, prompt_len)
         requested = request.requested_max_tokens()
         if request.scores_prompt_only:  # one token is generated and dropped
             requested = 1
@@ -295,6 +302,8 @@ class OpenAIServing:
             raise invalid_request("max_tokens must be at least 1 (0 only scores the prompt, with `echo`)",
                                   "max_tokens")
         max_tokens = requested if requested is not None else context - prompt_len  # fill the window, like vLLM
+        if requested is None and self._config.max_tokens_limit:
+            max_tokens = min(max_tokens, self._config.max_tokens_limit)
         if max_tokens < 1 or prompt_len + max_tokens > context:
             completion_len = max(max_tokens, 1)
             raise invalid_request(
@@ -303,11 +312,11 @@ class OpenAIServing:
                 "completion). Shorten the prompt or lower max_tokens.",
                 "max_tokens" if requested is not None else "prompt",
             )
-        vocab = self._model_info.vocab_size
+        vocab_size = self._model_info.vocab_size
         bias = {int(token): value for token, value in (request.logit_bias or {}).items()}
-        bad = [token for token in [*bias, *(request.stop_token_ids or ())] if token >= vocab]
+        bad = [token for token in [*bias, *(request.stop_token_ids or ())] if not 0 <= token < vocab_size]
         if bad:
-            raise invalid_request(f"token ids {bad[:8]} are outside the vocabulary [0, {vocab})",
+            raise invalid_request(f"token ids {bad[:8]} are outside the vocabulary [0, {vocab_size})",
                                   "logit_bias" if bad[0] in bias else "stop_token_ids")
         json_schema = self._json_schema(request)
         stop_ids = set(request.stop_token_ids or ())
@@ -316,7 +325,7 @@ class OpenAIServing:
         sampling = hack_pb2.SamplingParams(
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
-            top_k=max(request.top_k or 0, 0),
+            top_k=min(max(request.top_k or 0, 0), vocab_size),  # a k past the vocabulary keeps every token
             seed=request.seed,
             presence_penalty=request.presence_penalty or 0.0,
             frequency_penalty=request.frequency_penalty or 0.0,
@@ -348,6 +357,17 @@ class OpenAIServing:
         except GrammarError as error:
             raise invalid_request(str(error), "response_format") from None
         return schema
+
+    def _check_limits(self, request: GenerationParams, prompt_len: int) -> None:
+        """This deployment's limits on prompt tokens and max_tokens (0 = only the context window)."""
+        limit = self._config.max_prompt_tokens
+        if limit and prompt_len > limit:
+            raise invalid_request(f"the prompt has {prompt_len} tokens, more than this server's limit of {limit}",
+                                  "messages" if isinstance(request, ChatCompletionRequest) else "prompt")
+        limit, requested = self._config.max_tokens_limit, request.requested_max_tokens()
+        if limit and requested is not None and requested > limit:
+            raise invalid_request(f"max_tokens {requested} is more than this server's limit of {limit}",
+                                  "max_tokens")
 
     # ------------------------------------------------------------ tokens to text
 

@@ -44,7 +44,7 @@ def _as_ids(value: int | list[int] | None) -> list[int]:
 def encode_completion_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[int], vocab_size: int) -> list[int]:
     """A text prompt is tokenized with the tokenizer's special tokens (BOS); token ids are taken as given."""
     if isinstance(prompt, str):
-        ids = tokenizer(prompt).input_ids
+        ids = tokenizer(_valid_text(prompt, "prompt")).input_ids
     else:
         bad = [token for token in prompt if not 0 <= token < vocab_size]
         if bad:
@@ -55,10 +55,22 @@ def encode_completion_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | l
     return ids
 
 
+def _valid_text(text: str, param: str) -> str:
+    """JSON may carry lone UTF-16 surrogates ("\\ud800") that no tokenizer can encode: a 400, not a crash."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise invalid_request(f"{param} is not valid Unicode text: a lone surrogate "
+                              f"{text[error.start]!r} at position {error.start}", param) from None
+    return text
+
+
 def encode_chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
     """Render the messages with the model's chat template; the template writes the special tokens itself."""
     if not tokenizer.chat_template:
         raise invalid_request("this model has no chat template; use /v1/completions", "messages")
+    for index, message in enumerate(messages):
+        _valid_text(message["content"], f"messages.{index}.content")
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(text, add_special_tokens=False).input_ids
     if not ids:

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from bench.hack_bench import compare, experiment, serve
+from bench.hack_bench import compare, experiment, serve, soak
 from bench.hack_bench.records import BenchmarkError
 
 
@@ -27,6 +27,8 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand("compare", "compare saved result files in one table and plot", compare.add_arguments, compare.run),
     Subcommand("experiment", "JCT of fp16 / dequant / hack KV at several link speeds on local clusters",
                experiment.add_arguments, experiment.run),
+    Subcommand("soak", "hold a steady load for minutes: errors, p99 latency over time, RSS and fds of every process",
+               soak.add_arguments, soak.run),
 ]
 
 

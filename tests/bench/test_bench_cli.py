@@ -143,6 +143,6 @@ def test_serve_takes_the_tokenizer_from_the_servers_model_entry(server, tiny_tok
 
 
 def test_subcommands_are_registered_in_one_list() -> None:
-    assert [c.name for c in SUBCOMMANDS] == ["serve", "compare", "experiment"]
+    assert [c.name for c in SUBCOMMANDS] == ["serve", "compare", "experiment", "soak"]
     assert build_parser().parse_args(["compare", "a.json"]).command == "compare"
 

@@ -70,3 +70,49 @@ def test_children_share_the_cores_unless_the_user_chose(monkeypatch):
     assert child_environment(16)["OMP_NUM_THREADS"] == "1"
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert child_environment(2)["OMP_NUM_THREADS"] == "3"
+
+
+class FakePopen:
+    def __init__(self, returncode: int | None = None) -> None:
+        self.returncode, self.pid = returncode, 4242
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+
+def test_the_supervisor_restarts_with_exponential_backoff_then_gives_up(caplog) -> None:
+    from common.cluster import Cluster, Process
+
+    cluster = Cluster(ClusterConfig("model-dir", max_restarts=3, restart_backoff_s=0.5, stable_after_s=60.0))
+    spawned: list[list[str]] = []
+    cluster._popen = lambda command: spawned.append(command) or FakePopen(returncode=-9)  # dies again at once
+    decode = Process("decode-0", "127.0.0.1:1", FakePopen(returncode=-9), ["hack-decode", "--port", "1"])
+    router = Process("router", "127.0.0.1:2", FakePopen(returncode=1), ["hack-router"])
+    cluster.processes = [decode, router]
+    delays, now = [], 0.0
+    for _ in range(4):
+        cluster.supervise_once(now)  # notices the exit, schedules the restart
+        if decode.given_up:
+            break
+        delays.append(decode.restart_at - now)
+        now = decode.restart_at
+        cluster.supervise_once(now)  # restarts it
+    assert delays == [0.5, 1.0, 2.0] and decode.given_up
+    assert spawned == [decode.command] * 3  # the same command, so the same port; the router is never restarted
+    assert "giving up on it" in caplog.text and "restarting it in 0.5 s" in caplog.text
+
+
+def test_a_stable_instance_gets_its_restart_count_back() -> None:
+    from common.cluster import Cluster, Process
+
+    cluster = Cluster(ClusterConfig("model-dir", stable_after_s=10.0))
+    cluster._popen = lambda command: FakePopen(returncode=None)
+    decode = Process("decode-0", "127.0.0.1:1", FakePopen(returncode=-9), ["hack-decode"])
+    cluster.processes = [decode]
+    cluster.supervise_once(0.0)
+    cluster.supervise_once(1.0)
+    assert decode.alive and decode.restarts == 1
+    cluster.supervise_once(5.0)
+    assert decode.restarts == 1
+    cluster.supervise_once(11.5)
+    assert decode.restarts == 0

@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKER_DIR = REPO_ROOT / "docker"
 # Where the programs read their HACK_* variables: router and KV flags name them in full, services through env("X").
 FLAG_SOURCES = ("router/main.py", "common/service.py", "common/kv/options.py", "prefill_service/main.py",
-                "decode_service/main.py")
+                "decode_service/main.py", "common/grpc_security.py")
 # Variables compose itself interprets (mounts, ports, image), not flags of a program.
 COMPOSE_ONLY = {"HACK_MODEL_DIR", "HACK_ROUTER_BIND", "HACK_ROUTER_PORT", "HACK_IMAGE", "HACK_TORCH_VARIANT",
                 "HACK_PREFILL_GPU", "HACK_DECODE_GPU"}
@@ -100,6 +100,7 @@ def test_compose_stack_is_health_checked_and_ordered() -> None:
     assert set(services) == {"router", "prefill", "decode"}
     for name, service in services.items():
         assert service["restart"] == "unless-stopped", name
+        assert service["stop_grace_period"] == "40s", name  # room for the 30 s default drain
         assert service["healthcheck"]["test"][:2] == ["CMD", "hack-healthcheck"], name
         assert service["command"] == [f"hack-{name}"]
     assert services["prefill"]["healthcheck"]["test"][2:4] == ["grpc", "localhost:50051"]

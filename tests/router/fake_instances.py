@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from proto import DECODE_SERVICE_NAME, PREFILL_SERVICE_NAME, hack_pb2, hack_pb2_grpc
+from common.grpc_security import TransportSecurity
+from proto import DECODE_SERVICE_NAME, FAILED_ROLE_METADATA_KEY, PREFILL_SERVICE_NAME, hack_pb2, hack_pb2_grpc
 
 Context = grpc.aio.ServicerContext
 BLOCK_SIZE = 16
@@ -29,8 +30,11 @@ class FakeDecode(hack_pb2_grpc.DecodeServiceServicer):
     continuation: Sequence[int]  # tokens after the first one (which comes from the prefill)
     token_delay_s: float = 0.0
     refuse_with: grpc.StatusCode | None = None  # fail Generate before admitting
-    fail_after_tokens: int | None = None  # abort the stream (INTERNAL) after this many tokens
+    fail_after_tokens: int | None = None  # abort the stream (fail_code) after this many tokens
+    fail_code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    refuse_kv_with: grpc.StatusCode | None = None  # fail PushKV (the request's Generate too) with this code
     free_kv_blocks: int = 1000
+    kv_mode: int = hack_pb2.KV_MODE_UNSPECIFIED  # what Stats reports; unspecified: the router routes any mode here
     generate_requests: list[hack_pb2.GenerateRequest] = field(default_factory=list)
     cancel_calls: list[str] = field(default_factory=list)
     cancelled_streams: list[str] = field(default_factory=list)  # Generate calls the client cancelled
@@ -52,7 +56,11 @@ class FakeDecode(hack_pb2_grpc.DecodeServiceServicer):
                 token = await asyncio.wait_for(first_token, KV_WAIT_TIMEOUT_S)
             except asyncio.TimeoutError:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no KV arrived")
-            async for message in self._tokens(request, [token, *self.continuation], context):
+            except RuntimeError:
+                await context.abort(self.refuse_kv_with, "fake decode refused the KV")
+            # A resumed (migrated) request continues the script where the first attempt stopped.
+            continuation = self.continuation[request.sampling.position_offset:]
+            async for message in self._tokens(request, [token, *continuation], context):
                 yield message
         except asyncio.CancelledError:
             self.cancelled_streams.append(request.request_id)
@@ -65,7 +73,7 @@ class FakeDecode(hack_pb2_grpc.DecodeServiceServicer):
     ) -> AsyncIterator[hack_pb2.GenerateResponse]:
         for count, token in enumerate(script, start=1):
             if self.fail_after_tokens is not None and count > self.fail_after_tokens:
-                await context.abort(grpc.StatusCode.INTERNAL, "fake decode crashed")
+                await context.abort(self.fail_code, "fake decode crashed")
             finish = hack_pb2.FINISH_REASON_NONE
             if token in request.stop_token_ids:
                 finish = hack_pb2.FINISH_REASON_STOP
@@ -88,6 +96,11 @@ class FakeDecode(hack_pb2_grpc.DecodeServiceServicer):
         self, request_iterator: AsyncIterator[hack_pb2.KVChunk], context: Context
     ) -> hack_pb2.PushKVResponse:
         header, first_token, blocks, num_bytes = None, None, 0, 0
+        if self.refuse_kv_with is not None:
+            for waiting in self._waiting.values():
+                if not waiting.done():
+                    waiting.set_exception(RuntimeError("the KV was refused"))
+            await context.abort(self.refuse_kv_with, "fake decode refuses the KV")
         async for chunk in request_iterator:
             if chunk.HasField("header"):
                 header = chunk.header
@@ -110,7 +123,7 @@ class FakeDecode(hack_pb2_grpc.DecodeServiceServicer):
         return hack_pb2.CancelResponse(found=request.request_id in self._waiting)
 
     async def Stats(self, request: hack_pb2.StatsRequest, context: Context) -> hack_pb2.StatsResponse:
-        return hack_pb2.StatsResponse(model="fake", kv_mode=hack_pb2.KV_MODE_HACK, kv_block_size=BLOCK_SIZE,
+        return hack_pb2.StatsResponse(model="fake", kv_mode=self.kv_mode, kv_block_size=BLOCK_SIZE,
                                       total_kv_blocks=self.free_kv_blocks, free_kv_blocks=self.free_kv_blocks,
                                       running_seqs=len(self._waiting))
 
@@ -118,8 +131,10 @@ class FakeDecode(hack_pb2_grpc.DecodeServiceServicer):
 @dataclass
 class FakePrefill(hack_pb2_grpc.PrefillServiceServicer):
     first_token: int
+    script: Sequence[int] = ()  # when set, the first token of a request resumed at output position i is script[i]
     fail_with: grpc.StatusCode | None = None
     delay_s: float = 0.0
+    push_security: TransportSecurity | None = None  # token and TLS of its PushKV channel, as a real prefill's
     requests: list[hack_pb2.PrefillRequest] = field(default_factory=list)
     cancel_calls: list[str] = field(default_factory=list)
 
@@ -131,16 +146,18 @@ class FakePrefill(hack_pb2_grpc.PrefillServiceServicer):
         block = _fake_block(len(request.token_ids))
         header = hack_pb2.KVHeader(request_id=request.request_id, num_tokens=len(request.token_ids), model="fake",
                                    kv_mode=request.kv_mode, format_version=1, block_size=BLOCK_SIZE, num_blocks=1)
-        trailer = hack_pb2.KVTrailer(first_token=self.first_token)
-        async with grpc.aio.insecure_channel(request.decode_address) as channel:
+        first_token = self.script[request.sampling.position_offset] if self.script else self.first_token
+        trailer = hack_pb2.KVTrailer(first_token=first_token)
+        async with (self.push_security or TransportSecurity()).channel(request.decode_address) as channel:
             stub = hack_pb2_grpc.DecodeServiceStub(channel)
             try:
                 await stub.PushKV(iter([hack_pb2.KVChunk(header=header), hack_pb2.KVChunk(block=block),
                                         hack_pb2.KVChunk(trailer=trailer)]))
             except grpc.aio.AioRpcError as error:  # relay the decode's refusal, as the contract says
-                await context.abort(error.code(), f"decode refused the KV: {error.details()}")
+                await context.abort(error.code(), f"decode refused the KV: {error.details()}",
+                                    trailing_metadata=((FAILED_ROLE_METADATA_KEY, "decode"),))
         timings = hack_pb2.PrefillTimings(prefill_compute_s=0.003, kv_transfer_s=0.002, kv_bytes=len(block.data))
-        return hack_pb2.PrefillResponse(first_token=self.first_token, timings=timings)
+        return hack_pb2.PrefillResponse(first_token=first_token, timings=timings)
 
     async def Cancel(self, request: hack_pb2.CancelRequest, context: Context) -> hack_pb2.CancelResponse:
         self.cancel_calls.append(request.request_id)
@@ -166,9 +183,12 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def serve(servicer: FakeDecode | FakePrefill, port: int = 0) -> AsyncIterator[Running]:
-    """Run `servicer` (plus the health service) on a loopback port (0: any free one)."""
-    server = grpc.aio.server()
+async def serve(servicer: FakeDecode | FakePrefill, port: int = 0,
+                security: TransportSecurity | None = None) -> AsyncIterator[Running]:
+    """Run `servicer` (plus the health service) on a loopback port (0: any free one); `security` adds the
+    internal token check and TLS, as the real services do."""
+    security = security or TransportSecurity()
+    server = grpc.aio.server(interceptors=security.interceptors())
     if isinstance(servicer, FakeDecode):
         hack_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, server)
         name = DECODE_SERVICE_NAME
@@ -179,7 +199,7 @@ async def serve(servicer: FakeDecode | FakePrefill, port: int = 0) -> AsyncItera
     for service in ("", name):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    bound = security.bind(server, f"127.0.0.1:{port}")
     await server.start()
     try:
         yield Running(f"127.0.0.1:{bound}", server)

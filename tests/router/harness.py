@@ -15,6 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 from transformers import PreTrainedTokenizerBase
 
+from common.grpc_security import TransportSecurity
 from router.app import build_app
 from router.config import RouterConfig
 from router.instances import InstancePool
@@ -77,11 +78,12 @@ async def run_router(config: RouterConfig) -> AsyncIterator[tuple[str, FastAPI]]
 
 @contextlib.asynccontextmanager
 async def cluster(
-    model_dir: Path, prefills: list[FakePrefill], decodes: list[FakeDecode], **config: object
+    model_dir: Path, prefills: list[FakePrefill], decodes: list[FakeDecode],
+    server_security: TransportSecurity | None = None, **config: object
 ) -> AsyncIterator[Cluster]:
     async with contextlib.AsyncExitStack() as stack:
-        prefill_servers = [await stack.enter_async_context(serve(p)) for p in prefills]
-        decode_servers = [await stack.enter_async_context(serve(d)) for d in decodes]
+        prefill_servers = [await stack.enter_async_context(serve(p, security=server_security)) for p in prefills]
+        decode_servers = [await stack.enter_async_context(serve(d, security=server_security)) for d in decodes]
         settings = dict(model=str(model_dir), prefill_addresses=tuple(s.address for s in prefill_servers),
                         decode_addresses=tuple(s.address for s in decode_servers), served_model_name="byte-model",
                         health_interval_s=60.0, rpc_timeout_s=1.0)  # tests poll with pool.poll_once()

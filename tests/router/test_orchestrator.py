@@ -26,14 +26,15 @@ async def test_failed_prefill_is_retried_on_another_instance(byte_model, byte_to
     broken, working = FakePrefill(first, fail_with=code), FakePrefill(first)
     async with cluster(byte_model, [broken, working], [FakeDecode(rest)]) as c:
         response = await c.client.post("/v1/completions", json=completion())
-        metrics = (await c.client.get("/metrics")).text
         broken_instance = c.pool.of_role(c.pool.instances[0].role)[0]
+        broken_healthy = broken_instance.healthy
+        metrics = (await c.client.get("/metrics")).text  # polls the instances afresh
     assert response.status_code == 200 and response.json()["choices"][0]["text"] == TEXT
     assert len(broken.requests) == 1 and len(working.requests) == 1
     assert broken.requests[0].request_id == working.requests[0].request_id
     assert "hack_router_prefill_retries_total 1.0" in metrics
     # Only UNAVAILABLE takes an instance out of rotation; an INTERNAL error may be specific to the request.
-    assert broken_instance.healthy is (code is not grpc.StatusCode.UNAVAILABLE)
+    assert broken_healthy is (code is not grpc.StatusCode.UNAVAILABLE)
 
 
 @pytest.mark.parametrize("stream", [False, True])
