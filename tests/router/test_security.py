@@ -112,8 +112,8 @@ async def test_request_limits_are_clear_4xx(byte_model, byte_tokenizer):
     ("/v1/chat/completions", chat(messages=[{"role": "user", "content": "a\ud800b"}]), "messages.0.content"),
     ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}]),
      "messages.0.content"),
-    ("/v1/completions", completion(stop_token_ids=[2147483648]), "stop_token_ids"),
-    ("/v1/completions", completion(stop_token_ids=[2**70]), "stop_token_ids"),
+    ("/v1/completions", completion(stop_token_ids=[2147483648]), "stop_token_ids.0"),
+    ("/v1/completions", completion(stop_token_ids=[2**70]), "stop_token_ids.0"),
 ])
 async def test_input_that_crashed_the_router_is_a_400(byte_model, byte_tokenizer, path, body, param):
     async with cluster(byte_model, *instances(byte_tokenizer)) as c:
