@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.config import RouterConfig
+from router.discovery import Resolver, resolve_with_system
 from router.errors import RouterError
 from router.instances import InstancePool
 from router.metrics import RouterMetrics
@@ -36,7 +37,7 @@ HTTP_CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; n
 routes = APIRouter()
 
 
-def build_app(config: RouterConfig) -> FastAPI:
+def build_app(config: RouterConfig, resolver: Resolver = resolve_with_system) -> FastAPI:
     tokenizer = load_tokenizer(config.model)
     model_info = load_model_info(config.model, tokenizer, config.max_model_len)
     metrics = RouterMetrics()
@@ -45,7 +46,8 @@ def build_app(config: RouterConfig) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # gRPC aio channels belong to the running loop, so the pool is built here and not in build_app.
         pool = InstancePool.connect(config.prefill_addresses, config.decode_addresses, make_policy(config.policy),
-                                    config.rpc_timeout_s, config.health_interval_s)
+                                    config.rpc_timeout_s, config.health_interval_s, resolver=resolver,
+                                    discovery_interval_s=config.discovery_interval_s)
         metrics.watch_pool(pool)
         orchestrator = Orchestrator(pool, metrics, prefill_timeout_s=config.prefill_timeout_s,
                                     rpc_timeout_s=config.rpc_timeout_s,

@@ -192,7 +192,7 @@ class Orchestrator:
             request_id=request.request_id,
             token_ids=request.prompt_ids,
             sampling=request.sampling,
-            decode_address=run.decode.address,
+            decode_address=run.decode.kv_address,
             kv_mode=request.kv_mode,
         )
         failed: list[tuple[Instance, grpc.aio.AioRpcError]] = []
