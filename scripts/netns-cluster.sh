@@ -21,6 +21,14 @@ cleanup() {
   ip link del "${prefix}h0" 2>/dev/null || true
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
 
-PYTHONPATH=${PYTHONPATH:-$PWD} "$python" -m bench.hack_bench.netns_check --prefix "$prefix" "$@"
+# In the background, so a TERM sent to this script reaches the check (which then stops its processes).
+PYTHONPATH=${PYTHONPATH:-$PWD} "$python" -m bench.hack_bench.netns_check --prefix "$prefix" "$@" &
+check=$!
+trap 'kill -TERM "$check" 2>/dev/null || true' INT TERM
+status=0
+wait "$check" || status=$?
+if kill -0 "$check" 2>/dev/null; then  # woken by a signal: wait for the check to stop its processes
+  wait "$check" || status=$?
+fi
+exit "$status"

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import random
+import signal
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -100,6 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the clusters and remove the namespaces, as Ctrl-C does
     reason = unavailable_reason()
     if reason is None and args.delay_ms and not netem_available():
         reason = "--delay-ms needs the netem qdisc, which this kernel lacks"
@@ -125,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ClusterStartError, httpx.HTTPError, RuntimeError) as error:
         print(f"netns-cluster: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the clusters stopped and the namespaces are gone (context managers)
+        print("netns-cluster: interrupted", file=sys.stderr)
+        return 130
     print(format_table(results, args.tolerance))
     if args.json:
         verdicts = [asdict(r) | {"ratio": r.ratio, "link_bound": r.link_bound, "verdict": r.rate_verdict(args.tolerance)}
@@ -140,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("OK: every check passed")
     return 1 if failed else 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _link_model() -> Path:
