@@ -164,9 +164,10 @@ class Netns:
 
 def _free_subnet() -> ipaddress.IPv4Network:
     """The first 10.200.N.0/24 that no interface of this host has an address in."""
-    used = run("ip", "-o", "-4", "addr", "show")
+    listing = run("ip", "-o", "-4", "addr", "show").split()
+    used = [ipaddress.ip_interface(word).ip for previous, word in zip(listing, listing[1:]) if previous == "inet"]
     for subnet in SUBNET_BASE.subnets(new_prefix=24):
-        if f" {subnet.network_address}"[:-1] not in used:
+        if not any(address in subnet for address in used):
             return subnet
     raise NetnsError(f"every /24 of {SUBNET_BASE} is in use on this host")
 

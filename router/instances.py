@@ -97,7 +97,7 @@ class InstancePool:
         self._dns_targets = list(dns_targets)
         self._resolver = resolver
         self._discovery_interval_s = discovery_interval_s
-        self._resolved: dict[tuple[Role, Target], set[str]] = {}
+        self._resolved: dict[tuple[Role, Target], set[tuple[Role, str]]] = {}
         self._retiring: list[Instance] = []  # out of rotation, closed once their last request ends
         self._discovery_task: asyncio.Task[None] | None = None
 
