@@ -3,9 +3,12 @@ continuous batches. Every flag defaults to its HACK_* environment variable."""
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 import sys
 
 from common.grpc_security import add_transport_args
+from common.addresses import join_host_port
 from common.kv.factory import make_kv_backend
 from common.kv.options import kv_config_from_args
 from common.service import add_model_args, env, kv_identity, load_service_model, run_service
@@ -35,6 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kv-timeout-s", type=float, default=env("KV_TIMEOUT_S", "60"),
                         help="an admitted request whose KV has not arrived by then fails and frees its blocks "
                              "(env HACK_KV_TIMEOUT_S; default 60)")
+    parser.add_argument("--advertise-host", default=env("ADVERTISE_HOST") or os.environ.get("POD_IP", ""),
+                        help="the host prefill instances must push KV to, told to the router (e.g. the pod IP); "
+                             "default: --host when it is one routable address, else the address the router dials "
+                             "(env HACK_ADVERTISE_HOST, else POD_IP)")
     parser.add_argument("--profile-attention", action="store_true", default=env("PROFILE_ATTENTION") == "1",
                         help="on CUDA, time each decode step's attention (synchronizes the device around it; "
                              "CPU steps are always timed) for DecodeTimers.attention_s (env HACK_PROFILE_ATTENTION=1)")
@@ -56,7 +63,24 @@ def build_servicer(args: argparse.Namespace) -> DecodeServicer:
     runner = DecodeRunner(loaded, backend, args.profile_attention)
     runner.grammars.warm_up_in_background()  # structured output's token table, off the first request's path
     engine = DecodeEngine(runner, scheduler, args.kv_timeout_s)
-    return DecodeServicer(engine, kv_identity(loaded, backend.layout), kv_config.mode)
+    return DecodeServicer(engine, kv_identity(loaded, backend.layout), kv_config.mode,
+                          kv_address(args.advertise_host, args.host, args.port))
+
+
+def kv_address(advertise_host: str, host: str, port: int) -> str:
+    """The host:port this instance advertises for KV pushes; empty when only the router's view can tell
+    (listening on every address, or on loopback only, where nothing but the same machine reaches it)."""
+    if not advertise_host:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return ""  # a name (e.g. localhost): the router's address for this instance is as good
+        if address.is_unspecified or address.is_loopback:
+            return ""
+        advertise_host = host
+    if port == 0:
+        raise ValueError("--advertise-host needs a fixed --port (got 0, any free port)")
+    return join_host_port(advertise_host, port)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,8 +17,10 @@ _FINISH_REASONS = {None: hack_pb2.FINISH_REASON_NONE, "stop": hack_pb2.FINISH_RE
 
 
 class DecodeServicer(hack_pb2_grpc.DecodeServiceServicer):
-    def __init__(self, engine: DecodeEngine, identity: dict[str, str | int], kv_mode: str) -> None:
+    def __init__(self, engine: DecodeEngine, identity: dict[str, str | int], kv_mode: str,
+                 kv_address: str = "") -> None:
         self.engine, self.identity, self.kv_mode = engine, identity, kv_mode
+        self.kv_address = kv_address  # advertised in Stats: where prefill instances push KV
         self._pushes: dict[str, KVReceiver] = {}  # the newest push of each request
 
     async def Generate(self, request: hack_pb2.GenerateRequest,
@@ -81,6 +83,7 @@ class DecodeServicer(hack_pb2_grpc.DecodeServiceServicer):
             running_seqs=len(scheduler.running),
             waiting_seqs=scheduler.num_waiting,
             counters=self.engine.counters.to_proto(),
+            kv_address=self.kv_address,
         )
 
 

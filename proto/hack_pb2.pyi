@@ -272,7 +272,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("model", "kv_mode", "kv_block_size", "total_kv_blocks", "free_kv_blocks", "used_kv_blocks", "running_seqs", "waiting_seqs", "prefill_queue_len", "counters")
+    __slots__ = ("model", "kv_mode", "kv_block_size", "total_kv_blocks", "free_kv_blocks", "used_kv_blocks", "running_seqs", "waiting_seqs", "prefill_queue_len", "counters", "kv_address")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     KV_MODE_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -283,6 +283,7 @@ class StatsResponse(_message.Message):
     WAITING_SEQS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_QUEUE_LEN_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    KV_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     model: str
     kv_mode: KVMode
     kv_block_size: int
@@ -293,7 +294,8 @@ class StatsResponse(_message.Message):
     waiting_seqs: int
     prefill_queue_len: int
     counters: Counters
-    def __init__(self, model: _Optional[str] = ..., kv_mode: _Optional[_Union[KVMode, str]] = ..., kv_block_size: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., used_kv_blocks: _Optional[int] = ..., running_seqs: _Optional[int] = ..., waiting_seqs: _Optional[int] = ..., prefill_queue_len: _Optional[int] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ...) -> None: ...
+    kv_address: str
+    def __init__(self, model: _Optional[str] = ..., kv_mode: _Optional[_Union[KVMode, str]] = ..., kv_block_size: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., used_kv_blocks: _Optional[int] = ..., running_seqs: _Optional[int] = ..., waiting_seqs: _Optional[int] = ..., prefill_queue_len: _Optional[int] = ..., counters: _Optional[_Union[Counters, _Mapping]] = ..., kv_address: _Optional[str] = ...) -> None: ...
 
 class Counters(_message.Message):
     __slots__ = ("requests_total", "requests_failed", "requests_cancelled", "prompt_tokens", "generated_tokens", "kv_bytes", "max_batch_size")

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.loader import resolve_model_path
 from router.config import RouterConfig
+from router.discovery import Resolver, resolve_with_system
 from router.errors import RouterError
 from router.instances import InstancePool
 from router.metrics import RouterMetrics
@@ -40,7 +41,7 @@ HTTP_CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; n
 routes = APIRouter()
 
 
-def build_app(config: RouterConfig) -> FastAPI:
+def build_app(config: RouterConfig, resolver: Resolver = resolve_with_system) -> FastAPI:
     model_dir = str(resolve_model_path(config.model))  # an embedded model's name or a GGUF file -> a directory
     tokenizer = load_tokenizer(model_dir)
     model_info = load_model_info(model_dir, tokenizer, config.max_model_len)
@@ -50,7 +51,8 @@ def build_app(config: RouterConfig) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # gRPC aio channels belong to the running loop, so the pool is built here and not in build_app.
         pool = InstancePool.connect(config.prefill_addresses, config.decode_addresses, make_policy(config.policy),
-                                    config.rpc_timeout_s, config.health_interval_s, config.security)
+                                    config.rpc_timeout_s, config.health_interval_s, config.security, resolver=resolver,
+                                    discovery_interval_s=config.discovery_interval_s)
         metrics.watch_pool(pool)
         orchestrator = Orchestrator(pool, metrics, prefill_timeout_s=config.prefill_timeout_s,
                                     rpc_timeout_s=config.rpc_timeout_s,

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 from common.default_model import served_model_name
 from common.grpc_security import TransportSecurity
 from proto import KV_MODE_NAMES
+from router.discovery import parse_target
 from router.policy import POLICIES
 
 
 @dataclass(frozen=True)
 class RouterConfig:
     model: str  # model directory: tokenizer, chat template, context window
-    prefill_addresses: tuple[str, ...]
+    prefill_addresses: tuple[str, ...]  # host:port, or dns:///name:port for every address the name resolves to
     decode_addresses: tuple[str, ...]
     served_model_name: str = ""  # the `model` clients must send; empty = derived from `model` as hack-cluster does
     # (an embedded model's name, a directory's last component, a .gguf file's name without the suffix)
@@ -22,6 +23,7 @@ class RouterConfig:
     port: int = 8000
     max_model_len: int = 0  # 0 = the model config's max_position_embeddings
     health_interval_s: float = 2.0  # health checks and Stats polls of every instance
+    discovery_interval_s: float = 5.0  # re-resolution of the dns:/// addresses
     rpc_timeout_s: float = 2.0  # health, Stats and Cancel calls
     prefill_timeout_s: float = 600.0
     max_prefill_attempts: int = 3  # a prefill that fails before the first token is retried elsewhere
@@ -42,7 +44,7 @@ class RouterConfig:
             if not addresses:
                 raise ValueError(f"at least one {role} address is required")
             for address in addresses:
-                _check_address(address, role)
+                parse_target(address, role)
             if len(set(addresses)) != len(addresses):
                 raise ValueError(f"duplicate {role} addresses: {list(addresses)}")
         if self.policy not in POLICIES:
@@ -53,7 +55,7 @@ class RouterConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_model_len < 0:
             raise ValueError(f"max_model_len must be >= 0 (0 = from the model config), got {self.max_model_len}")
-        for name in ("health_interval_s", "rpc_timeout_s", "prefill_timeout_s", "token_timeout_s"):
+        for name in ("health_interval_s", "discovery_interval_s", "rpc_timeout_s", "prefill_timeout_s", "token_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if any(not key for key in self.api_keys):
@@ -70,9 +72,3 @@ class RouterConfig:
     @property
     def model_name(self) -> str:
         return self.served_model_name or served_model_name(self.model)
-
-
-def _check_address(address: str, role: str) -> None:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise ValueError(f"{role} address {address!r} is not host:port")

@@ -3,6 +3,11 @@
 An instance is healthy once its health check answers SERVING and its Stats call succeeds; the poll loop
 repeats both every `health_interval_s`. An RPC that fails with UNAVAILABLE marks the instance unhealthy at
 once (`report_failure`), so new requests avoid it until a later poll finds it back.
+
+Addresses may also be DNS names (router/discovery.py): the discovery loop re-resolves them every
+`discovery_interval_s`, adds an instance per new address (in rotation once a poll finds it healthy) and takes
+out the instances whose address is gone; those close their channel once their last request has ended, so
+scaling down fails no request.
 """
 from __future__ import annotations
 
@@ -18,7 +23,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.grpc_security import TransportSecurity
+from common.addresses import join_host_port
 from proto import DECODE_SERVICE_NAME, PREFILL_SERVICE_NAME, hack_pb2, hack_pb2_grpc
+from router.discovery import Resolver, Target, parse_target, resolve_with_system
 from router.errors import no_healthy_instance
 
 if TYPE_CHECKING:
@@ -61,19 +68,42 @@ class Instance:
         return cls(role, address, channel, stub_type(channel), health_pb2_grpc.HealthStub(channel))
 
     @property
+    def kv_address(self) -> str:
+        """Where prefill instances push this decode instance's KV: what it advertises, else the dialed address."""
+        return (self.stats.kv_address if self.stats is not None else "") or self.address
+
+    @property
     def service_name(self) -> str:
         return PREFILL_SERVICE_NAME if self.role is Role.PREFILL else DECODE_SERVICE_NAME
 
 
 class InstancePool:
     def __init__(
-        self, instances: list[Instance], policy: "SelectionPolicy", rpc_timeout_s: float, health_interval_s: float
+        self,
+        instances: list[Instance],
+        policy: "SelectionPolicy",
+        rpc_timeout_s: float,
+        health_interval_s: float,
+        *,
+        dns_targets: Sequence[tuple[Role, Target]] = (),
+        resolver: Resolver = resolve_with_system,
+        discovery_interval_s: float = 5.0,
+        security: TransportSecurity | None = None,
     ) -> None:
         self.instances = instances
+        self._security = security
         self._policy = policy
         self._rpc_timeout_s = rpc_timeout_s
         self._health_interval_s = health_interval_s
         self._poll_task: asyncio.Task[None] | None = None
+        # Discovery: the fixed instances stay whatever DNS says; each name keeps its last good resolution.
+        self._fixed = {(i.role, i.address) for i in instances}
+        self._dns_targets = list(dns_targets)
+        self._resolver = resolver
+        self._discovery_interval_s = discovery_interval_s
+        self._resolved: dict[tuple[Role, Target], set[tuple[Role, str]]] = {}
+        self._retiring: list[Instance] = []  # out of rotation, closed once their last request ends
+        self._discovery_task: asyncio.Task[None] | None = None
 
     @classmethod
     def connect(
@@ -84,11 +114,19 @@ class InstancePool:
         rpc_timeout_s: float,
         health_interval_s: float,
         security: TransportSecurity | None = None,
+        *,
+        resolver: Resolver = resolve_with_system,
+        discovery_interval_s: float = 5.0,
     ) -> "InstancePool":
-        """A pool with one (lazily connected) channel per address; call from inside the serving event loop."""
-        instances = [Instance.connect(Role.PREFILL, address, security) for address in prefill_addresses]
-        instances += [Instance.connect(Role.DECODE, address, security) for address in decode_addresses]
-        return cls(instances, policy, rpc_timeout_s, health_interval_s)
+        """A pool with one (lazily connected) channel per fixed address, and the DNS targets (`dns:///name:port`)
+        to resolve once started; call from inside the serving event loop. `security`: internal token and TLS."""
+        targets = [(Role.PREFILL, parse_target(a, "prefill")) for a in prefill_addresses]
+        targets += [(Role.DECODE, parse_target(a, "decode")) for a in decode_addresses]
+        instances = [Instance.connect(role, target.address, security)
+                     for role, target in targets if not target.dynamic]
+        dns_targets = [(role, target) for role, target in targets if target.dynamic]
+        return cls(instances, policy, rpc_timeout_s, health_interval_s, dns_targets=dns_targets, resolver=resolver,
+                   discovery_interval_s=discovery_interval_s, security=security)
 
     def of_role(self, role: Role) -> list[Instance]:
         return [instance for instance in self.instances if instance.role is role]
@@ -125,16 +163,69 @@ class InstancePool:
         instance.healthy = False
 
     async def start(self) -> None:
-        """Poll every instance once (so /ready is right from the start), then keep polling in the background."""
+        """Resolve the DNS targets and poll every instance once (so /ready is right from the start), then keep
+        doing both in the background."""
+        await self.discover()
         await self.poll_once()
         self._poll_task = asyncio.create_task(self._poll_forever(), name="instance-poll")
+        if self._dns_targets:
+            self._discovery_task = asyncio.create_task(self._discover_forever(), name="instance-discovery")
 
     async def close(self) -> None:
-        if self._poll_task is not None:
-            self._poll_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poll_task
-        await asyncio.gather(*(instance.channel.close() for instance in self.instances))
+        for task in (self._poll_task, self._discovery_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await asyncio.gather(*(instance.channel.close() for instance in [*self.instances, *self._retiring]))
+
+    # ------------------------------------------------------------ discovery
+
+    async def discover(self) -> None:
+        """Re-resolve every DNS target: connect new addresses, retire the instances whose address is gone."""
+        if not self._dns_targets:
+            return
+        resolved = await asyncio.gather(*(self._resolve(role, target) for role, target in self._dns_targets))
+        wanted = set(self._fixed).union(*resolved)
+        current = {(instance.role, instance.address) for instance in self.instances}
+        added = [Instance.connect(role, address, self._security) for role, address in sorted(wanted - current)]
+        gone = [instance for instance in self.instances if (instance.role, instance.address) not in wanted]
+        for instance in gone:
+            logger.info("%s %s is no longer in DNS; out of rotation (%d requests in flight)", instance.role.value,
+                        instance.address, instance.inflight)
+            instance.healthy = False
+        self.instances = [instance for instance in self.instances if instance not in gone] + added
+        self._retiring += gone
+        for instance in added:
+            logger.info("%s %s found in DNS", instance.role.value, instance.address)
+        await asyncio.gather(*(self._poll(instance) for instance in added), self._close_idle_retired())
+
+    async def _resolve(self, role: Role, target: Target) -> set[tuple[Role, str]]:
+        """The (role, ip:port) of every address of `target`; its last good answer while DNS fails."""
+        key = (role, target)
+        try:
+            endpoints = await asyncio.wait_for(self._resolver(target.host, target.port), self._rpc_timeout_s)
+        except (OSError, asyncio.TimeoutError) as error:
+            known = self._resolved.get(key, set())
+            logger.warning("cannot resolve %s (%s); keeping its %d known instances", target, error or "timeout",
+                           len(known))
+            return known
+        self._resolved[key] = {(role, join_host_port(ip, port)) for ip, port in endpoints}
+        return self._resolved[key]
+
+    async def _close_idle_retired(self) -> None:
+        idle = [instance for instance in self._retiring if instance.inflight == 0]
+        self._retiring = [instance for instance in self._retiring if instance.inflight > 0]
+        # The grace lets a Cancel sent as a request ended go out.
+        await asyncio.gather(*(instance.channel.close(grace=self._rpc_timeout_s) for instance in idle))
+
+    async def _discover_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._discovery_interval_s)
+            try:
+                await self.discover()
+            except Exception:  # a bug here must not end discovery for the router's whole life
+                logger.exception("instance discovery failed; retrying in %g s", self._discovery_interval_s)
 
     async def poll_once(self) -> None:
         await asyncio.gather(*(self._poll(instance) for instance in self.instances))

@@ -38,9 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="name clients send as `model`; default: the embedded model's name, else the last "
                              "component of --model without .gguf [HACK_SERVED_MODEL_NAME]")
     parser.add_argument("--prefill", nargs="+", default=_env_list("HACK_PREFILL"), metavar="ADDR",
-                        help="prefill instances, host:port [HACK_PREFILL, comma separated]")
+                        help="prefill instances: host:port, or dns:///name:port for every address the name "
+                             "resolves to (a Kubernetes headless Service), re-resolved every --discovery-interval "
+                             "[HACK_PREFILL, comma separated]")
     parser.add_argument("--decode", nargs="+", default=_env_list("HACK_DECODE"), metavar="ADDR",
-                        help="decode instances, host:port [HACK_DECODE, comma separated]")
+                        help="decode instances, like --prefill [HACK_DECODE, comma separated]")
     parser.add_argument("--policy", choices=POLICIES, default=env("HACK_POLICY", "round_robin"),
                         help="instance selection [HACK_POLICY]")
     parser.add_argument("--kv-mode", choices=KV_MODE_NAMES, default=env("HACK_KV_MODE", "hack"),
@@ -53,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="context window; 0 = the model's [HACK_MAX_MODEL_LEN]")
     parser.add_argument("--health-interval", type=float, default=env("HACK_HEALTH_INTERVAL_S", "2.0"),
                         help="seconds between health/Stats polls [HACK_HEALTH_INTERVAL_S]")
+    parser.add_argument("--discovery-interval", type=float, default=env("HACK_DISCOVERY_INTERVAL_S", "5.0"),
+                        help="seconds between DNS resolutions of dns:/// addresses [HACK_DISCOVERY_INTERVAL_S]")
     parser.add_argument("--prefill-timeout", type=float, default=env("HACK_PREFILL_TIMEOUT_S", "600"),
                         help="seconds one Prefill call may take [HACK_PREFILL_TIMEOUT_S]")
     parser.add_argument("--token-timeout", type=float, default=env("HACK_TOKEN_TIMEOUT_S", "120"),
@@ -91,6 +95,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         port=args.port,
         max_model_len=args.max_model_len,
         health_interval_s=args.health_interval,
+        discovery_interval_s=args.discovery_interval,
         prefill_timeout_s=args.prefill_timeout,
         token_timeout_s=args.token_timeout,
         max_migrations=args.max_migrations,

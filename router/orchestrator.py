@@ -276,7 +276,7 @@ class Orchestrator:
             request_id=request.request_id,
             token_ids=request.prompt_ids,
             sampling=request.sampling,
-            decode_address=run.decode.address,
+            decode_address=run.decode.kv_address,
             kv_mode=request.kv_mode,
             prompt_logprobs=request.prompt_logprobs,
             stop_token_ids=request.stop_token_ids,

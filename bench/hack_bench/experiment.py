@@ -5,12 +5,18 @@ one command.
         [--kv-modes fp16 dequant hack] [--link-gbps 1 10 25] [--num-prompts 16] [--input-len 448 --output-len 64] \\
         [--result-dir docs/experiments]
 
-For every link bandwidth and KV mode it starts a local cluster (common/cluster.py: one prefill and one decode
-instance, the prefill's KV stream paced to the bandwidth), replays the same trace (the `long` dataset: windows of
+For every link bandwidth and KV mode it starts a local cluster (one prefill and one decode instance) whose KV
+link runs at that bandwidth, replays the same trace (the `long` dataset: windows of
 exactly --input-len tokens cut from the text file, sent as token ids, greedy, ignore_eos, fixed seed) and stops
 the cluster again, also on error or Ctrl-C. The router's /metrics is scraped right before and after the timed
 requests, so the services' own timers give the breakdown of just those requests (breakdown.py). fp16 runs first
 at each bandwidth; its outputs are the reference the other modes' outputs are compared with.
+
+How the link is emulated (--network): `netns` puts router, prefill and decode in their own network namespaces
+joined by veth pairs, the prefill -> decode pair shaped by tc (common/netns.py: a real TCP connection at the
+link rate, plus --link-delay-ms of latency where the kernel has netem); `bucket` runs them on loopback with the
+prefill's KV stream paced by a token bucket (common/cluster.py, --kv-link-gbps); `auto` (the default) is netns
+where this process may create namespaces (root, ip, tc), else bucket.
 
 Writes {label}.json (settings, machine, rows with generated texts), {label}.md (the table) and {label}.png.
 `--random-model llama3-8b --random-model-layers N` benchmarks Llama-3-8B's attention shapes (32 q heads, 8 KV
@@ -48,6 +54,7 @@ from bench.hack_bench.records import BenchmarkError, RequestOutput, SampleReques
 from bench.hack_bench.runner import LoadConfig, make_http_client, probe, send_all
 from bench.hack_bench.serve import fill_output_tokens
 from common.cluster import Cluster, ClusterConfig, ClusterStartError
+from common.netns import LinkShape, NetnsCluster, unavailable_reason
 from common.default_model import cache_dir
 from common.kv.config import MODES
 from common.random_models import RandomModelSpec, write_random_checkpoint
@@ -58,10 +65,15 @@ log = logging.getLogger(__name__)
 RANDOM_MODEL_SHAPES = {
     "llama3-8b": RandomModelSpec(hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8,
                                  head_dim=128, max_position_embeddings=40960, rope_theta=500000.0),
+    # A large KV cache for little compute (16 KiB of fp16 KV per token and layer, hidden size 32): on short
+    # prompts the link, not the forward, sets the KV transfer time, even on a CPU.
+    "kv-heavy": RandomModelSpec(hidden_size=32, intermediate_size=64, num_heads=32, num_kv_heads=32,
+                                head_dim=128, max_position_embeddings=128),
 }
 QUIET = "--log-level=warning"  # the services log every request at INFO
 METRICS_SETTLE_S = 10.0  # how long to wait for the last requests' timers to reach the router
 PROBE_TOKENS, PROBE_OUTPUT_TOKENS = 32, 4  # the probe request (probe_sample)
+NETWORKS = ("auto", "netns", "bucket")
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,8 @@ class ExperimentConfig:
     prefill_args: tuple[str, ...] = ()
     decode_args: tuple[str, ...] = ()
     start_timeout_s: float = 300.0
+    network: str = "bucket"  # "netns" (tc-shaped links between namespaces) or "bucket" (token bucket, loopback)
+    link_delay_ms: float = 0.0  # netns only: added one-way latency of the KV link
 
     def __post_init__(self) -> None:
         unknown = [mode for mode in self.kv_modes if mode not in MODES]
@@ -95,6 +109,10 @@ class ExperimentConfig:
                 raise BenchmarkError(f"--{flag} must be >= 1, got {value}")
         if self.start_timeout_s <= 0:
             raise BenchmarkError(f"--start-timeout must be > 0, got {self.start_timeout_s}")
+        if self.network not in ("netns", "bucket"):
+            raise BenchmarkError(f"network must be netns or bucket, got {self.network!r}")
+        if self.link_delay_ms < 0 or (self.link_delay_ms and self.network != "netns"):
+            raise BenchmarkError(f"--link-delay-ms must be >= 0 and needs --network netns, got {self.link_delay_ms}")
         # The prompt file and the load settings are checked where they are built.
         self.dataset()
         self.load()
@@ -113,8 +131,9 @@ class ExperimentConfig:
 
     def cluster(self, kv_mode: str, link_gbps: float) -> ClusterConfig:
         profile = ("--profile-attention",) if self.profile_attention else ()
+        pacing = (f"--kv-link-gbps={link_gbps:g}",) if self.network == "bucket" else ()  # netns: tc shapes it
         return ClusterConfig(self.model, kv_mode=kv_mode, port=0, start_timeout_s=self.start_timeout_s,
-                             prefill_args=(QUIET, f"--kv-link-gbps={link_gbps:g}", *self.prefill_args),
+                             prefill_args=(QUIET, *pacing, *self.prefill_args),
                              decode_args=(QUIET, *profile, *self.decode_args), router_args=(QUIET,))
 
 
@@ -133,6 +152,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runs.add_argument("--kv-modes", nargs="+", choices=MODES, default=["fp16", "dequant", "hack"])
     runs.add_argument("--link-gbps", nargs="+", type=float, default=[1.0, 10.0, 25.0],
                       help="emulated prefill -> decode KV link bandwidths, Gbit/s")
+    runs.add_argument("--network", choices=NETWORKS, default="auto",
+                      help="how the link is emulated: netns (network namespaces, tc-shaped veth), bucket (token "
+                           "bucket in the prefill process), auto (netns where root/ip/tc allow it, else bucket)")
+    runs.add_argument("--netns", dest="network", action="store_const", const="netns", help="same as --network netns")
+    runs.add_argument("--link-delay-ms", type=float, default=0.0,
+                      help="netns: added one-way latency of the KV link (needs the netem qdisc)")
     runs.add_argument("--prefill-arg", action="append", default=[], metavar="FLAG",
                       help="extra flag for the prefill instance, e.g. --prefill-arg=--device=cuda (repeatable)")
     runs.add_argument("--decode-arg", action="append", default=[], metavar="FLAG",
@@ -171,7 +196,21 @@ def experiment_config(args: argparse.Namespace) -> ExperimentConfig:
         request_rate=args.request_rate, max_concurrency=args.max_concurrency, seed=args.seed,
         profile_attention=args.profile_attention, prefill_args=tuple(args.prefill_arg),
         decode_args=tuple(args.decode_arg), start_timeout_s=args.start_timeout,
+        network=choose_network(args.network), link_delay_ms=args.link_delay_ms,
     )
+
+
+def choose_network(requested: str) -> str:
+    """netns or bucket: `auto` is netns where namespaces work here; an explicit netns that cannot is an error."""
+    if requested == "bucket":
+        return requested
+    reason = unavailable_reason()
+    if reason is None:
+        return "netns"
+    if requested == "netns":
+        raise BenchmarkError(f"--network netns: {reason}")
+    log.info("emulating the KV link with a token bucket: %s", reason)
+    return "bucket"
 
 
 def ensure_random_model(shape: str, num_layers: int) -> Path:
@@ -218,8 +257,9 @@ def run_configuration(config: ExperimentConfig, kv_mode: str, link_gbps: float, 
                       reference: list[str] | None) -> ExperimentRow:
     """Start the cluster, replay the trace, stop the cluster; the results as a row."""
     cluster_config = config.cluster(kv_mode, link_gbps)
-    log.info("starting a %s cluster with a %g Gb/s KV link", kv_mode, link_gbps)
-    with running_cluster(cluster_config) as cluster:
+    shape = LinkShape(link_gbps, config.link_delay_ms) if config.network == "netns" else None
+    log.info("starting a %s cluster with a %g Gb/s KV link (%s)", kv_mode, link_gbps, config.network)
+    with running_cluster(cluster_config, shape) as cluster:
         endpoint = EndpointConfig(f"{cluster.url}/v1/completions", cluster_config.served_model_name,
                                   ignore_eos=True, temperature=0.0, send_token_ids=True)
         outputs, duration_s, delta = asyncio.run(replay(cluster.url, endpoint, samples, config.load()))
@@ -269,9 +309,10 @@ async def scrape(client: httpx.AsyncClient, url: str) -> MetricSnapshot:
 
 
 @contextmanager
-def running_cluster(config: ClusterConfig) -> Iterator[Cluster]:
-    """A started cluster that is stopped on the way out, whatever happens: error, Ctrl-C or SIGTERM."""
-    cluster = Cluster(config)
+def running_cluster(config: ClusterConfig, netns_link: LinkShape | None = None) -> Iterator[Cluster]:
+    """A started cluster (in network namespaces joined by a `netns_link`-shaped KV link, when given) that is
+    stopped on the way out, whatever happens: error, Ctrl-C or SIGTERM."""
+    cluster = NetnsCluster(config, netns_link) if netns_link is not None else Cluster(config)
     previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     try:
         try:

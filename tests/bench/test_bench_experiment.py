@@ -276,3 +276,43 @@ def test_real_run_on_stories260k(stories260k: Path, tinystories_text: Path, tmp_
     assert document["settings"]["input_len"] == 101 and document["machine"]["cpu_count"] >= 1
     assert (tmp_path / "small.png").read_bytes()[:8] == PNG_MAGIC
     assert (tmp_path / "small.md").read_text().count("\n") == 4
+
+
+def test_the_netns_network_leaves_the_pacing_to_tc(tmp_path: Path) -> None:
+    assert not any("--kv-link-gbps" in a for a in config(tmp_path, network="netns").cluster("hack", 2.5).prefill_args)
+    with pytest.raises(BenchmarkError, match="network"):
+        config(tmp_path, network="wifi")
+    with pytest.raises(BenchmarkError, match="--link-delay-ms"):
+        config(tmp_path, link_delay_ms=5.0)  # a token bucket has no latency to add
+
+
+@pytest.mark.parametrize("requested, reason, chosen", [
+    ("auto", None, "netns"), ("auto", "network namespaces need root", "bucket"), ("bucket", None, "bucket"),
+    ("netns", None, "netns"),
+])
+def test_auto_network_is_netns_where_namespaces_work(monkeypatch: pytest.MonkeyPatch, requested: str,
+                                                     reason: str | None, chosen: str) -> None:
+    monkeypatch.setattr(experiment, "unavailable_reason", lambda: reason)
+    assert experiment.choose_network(requested) == chosen
+
+
+def test_an_explicit_netns_network_that_cannot_work_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(experiment, "unavailable_reason", lambda: "`tc` is not installed")
+    with pytest.raises(BenchmarkError, match="tc"):
+        experiment.choose_network("netns")
+    assert build_parser().parse_args(["experiment", "--model", "m", "--dataset-path", "t", "--netns"]).network == "netns"
+
+
+def test_a_netns_link_starts_a_namespace_cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    started: list[tuple] = []
+
+    class FakeNetnsCluster(FakeCluster):
+        def __init__(self, config: ClusterConfig, shape: experiment.LinkShape) -> None:
+            super().__init__(config)
+            started.append((config.kv_mode, shape))
+
+    monkeypatch.setattr(experiment, "NetnsCluster", FakeNetnsCluster)
+    shape = experiment.LinkShape(1.0, 2.0)
+    with running_cluster(config(tmp_path, network="netns").cluster("fp16", 1.0), shape) as cluster:
+        assert cluster.started
+    assert cluster.stopped and started == [("fp16", shape)]

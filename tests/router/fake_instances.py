@@ -35,6 +35,7 @@ class FakeDecode(hack_pb2_grpc.DecodeServiceServicer):
     refuse_kv_with: grpc.StatusCode | None = None  # fail PushKV (the request's Generate too) with this code
     free_kv_blocks: int = 1000
     kv_mode: int = hack_pb2.KV_MODE_UNSPECIFIED  # what Stats reports; unspecified: the router routes any mode here
+    kv_address: str = ""  # advertised in Stats
     generate_requests: list[hack_pb2.GenerateRequest] = field(default_factory=list)
     cancel_calls: list[str] = field(default_factory=list)
     cancelled_streams: list[str] = field(default_factory=list)  # Generate calls the client cancelled
@@ -125,7 +126,7 @@ class FakeDecode(hack_pb2_grpc.DecodeServiceServicer):
     async def Stats(self, request: hack_pb2.StatsRequest, context: Context) -> hack_pb2.StatsResponse:
         return hack_pb2.StatsResponse(model="fake", kv_mode=self.kv_mode, kv_block_size=BLOCK_SIZE,
                                       total_kv_blocks=self.free_kv_blocks, free_kv_blocks=self.free_kv_blocks,
-                                      running_seqs=len(self._waiting))
+                                      running_seqs=len(self._waiting), kv_address=self.kv_address)
 
 
 @dataclass

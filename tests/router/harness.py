@@ -56,9 +56,9 @@ class Cluster:
 
 
 @contextlib.asynccontextmanager
-async def run_router(config: RouterConfig) -> AsyncIterator[tuple[str, FastAPI]]:
+async def run_router(config: RouterConfig, **app_options: object) -> AsyncIterator[tuple[str, FastAPI]]:
     """The router app served by uvicorn on a free loopback port, in this event loop."""
-    app = build_app(config)
+    app = build_app(config, **app_options)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
