@@ -343,9 +343,19 @@ class LayerKV:
 
     pages: each page's rows for its filled slots ({field: [Hkv, rows, width]} in `page_fields(with_sums=False)`
     order); compressed modes send whole partitions only. state: sink_k/sink_v [Hkv, sinks, D] and tail_k/tail_v
-    [Hkv, tail, D] fp16 (empty in fp16 mode).
+    [Hkv, tail, D] fp16 (empty in fp16 mode). stacked (export and wire decode set it): every page field as one
+    tensor [pages, Hkv, rows per page, width] that the pages are views of (a partial last page's extra rows are
+    padding), so a layer moves with one copy per field.
     """
 
     num_tokens: int
     pages: list[dict[str, torch.Tensor]]
     state: dict[str, torch.Tensor]
+    stacked: dict[str, torch.Tensor] | None = None
+
+    @staticmethod
+    def from_stacked(layout: KVLayout, num_tokens: int, stacked: dict[str, torch.Tensor], page_tokens: list[int],
+                     state: dict[str, torch.Tensor]) -> "LayerKV":
+        fields = layout.page_fields(with_sums=False)
+        pages = [{f.name: stacked[f.name][i, :, : f.rows(count)] for f in fields} for i, count in enumerate(page_tokens)]
+        return LayerKV(num_tokens, pages, state, stacked)
