@@ -14,12 +14,12 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from common.kv.format import Cache, LayerKV, quantize_tokens, recompute_sums
+from common.kv.format import Cache, LayerKV, quantize_tokens
 from common.kv.interface import ForwardBatch, KVBackend
 from common.kv.ops import dispatch
 from common.kv.pool import KVPool
 from common.kv.reference import write_rows
-from common.kv.torch_fast import select_sequences
+from common.kv.torch_fast import select_sequences, unpack_float
 
 
 class BatchTensors(NamedTuple):
@@ -155,11 +155,13 @@ class PagedKVBackend(KVBackend):
         return stacked
 
     def _stacked_sums(self, fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """k_sums/v_sums of stacked page fields ([pages, Hkv, rows, width]); token groups never cross a page."""
-        pages = fields["k_codes"].shape[0]
-        flat = {name: fields[name].flatten(0, 1) for name in ("k_codes", "v_codes")}  # [pages*Hkv, rows, width]
-        sums = recompute_sums(flat, self.config, self.layout.head_dim)
-        return {name: t.unflatten(0, (pages, -1)) for name, t in sums.items()}
+        """k_sums/v_sums (format.recompute_sums) of stacked page fields [pages, Hkv, rows, width], through a
+        byte -> codes table and float32 sums instead of shifts and sums on int32 (several times faster on CPU); groups never cross a page."""
+        bits, pi, pd = self.config.bits, self.config.partition, self.layout.head_partition
+        k_codes, v_codes = (unpack_float(fields[name], bits) for name in ("k_codes", "v_codes"))
+        k_sums = k_codes.unflatten(-1, (-1, pd)).sum(-1)  # float32: exact for these integer sums
+        v_sums = v_codes.unflatten(2, (-1, pi)).sum(3)
+        return {"k_sums": k_sums.to(torch.int16), "v_sums": v_sums.to(torch.int16)}
 
     def _import_state(self, cache: Cache, seq_id: int, state: dict[str, torch.Tensor], tail_start: int) -> None:
         slot = self.pool.state_slot(seq_id)
@@ -200,6 +202,7 @@ class PagedKVBackend(KVBackend):
 
     def _tensors(self, batch: ForwardBatch) -> BatchTensors:
         if self._batch_cache is None or self._batch_cache[0] is not batch:
+            self._check_reserved(batch)  # once per batch, not in every layer
             device = self.pool.device
             num_cached = torch.tensor(batch.num_cached, dtype=torch.int64, device=device)
             seq_lens = num_cached + torch.tensor(batch.num_new, dtype=torch.int64, device=device)
@@ -210,6 +213,11 @@ class PagedKVBackend(KVBackend):
 
     def _slots(self, seq_ids: tuple[int, ...]) -> torch.Tensor:
         return self.pool.state_slots(seq_ids)
+
+    def _check_reserved(self, batch: ForwardBatch) -> None:
+        for seq_id, cached, new in zip(batch.seq_ids, batch.num_cached, batch.num_new):
+            if self.pool.num_tokens(seq_id) != cached + new:
+                raise ValueError(f"sequence {seq_id} was not reserved for this batch (call reserve first)")
 
     def _check_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       batch: ForwardBatch) -> None:
@@ -223,9 +231,6 @@ class PagedKVBackend(KVBackend):
                 raise ValueError(f"{name} must be [{t}, {h}, {d}], got {tuple(x.shape)}")
         if q.dtype != self.dtype:
             raise ValueError(f"q has dtype {q.dtype}, the backend computes in {self.dtype}")
-        for seq_id, cached, new in zip(batch.seq_ids, batch.num_cached, batch.num_new):
-            if self.pool.num_tokens(seq_id) != cached + new:
-                raise ValueError(f"sequence {seq_id} was not reserved for this batch (call reserve first)")
 
 
 class Fp16KVBackend(PagedKVBackend):
