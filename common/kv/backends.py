@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from common.kv.format import Cache, LayerKV, quantize_tokens
+from common.kv.format import Cache, LayerKV, page_groups, quantize_tokens
 from common.kv.interface import ForwardBatch, KVBackend
 from common.kv.ops import dispatch
 from common.kv.pool import KVPool
@@ -32,12 +32,15 @@ class BatchTensors(NamedTuple):
     state_slots: torch.Tensor  # [B]
 
 
+SUM_PAGES = 8  # pages whose codes are unpacked at once when recomputing sums on import
+
+
 class PreparedImport(NamedTuple):
     """An imported layer staged on the pool's device, waiting for `write_import` (see `prepare_import`)."""
 
     num_tokens: int
     num_pages: int
-    fields: dict[str, torch.Tensor]  # [pages, Hkv, rows per page, width] per page field, sums included
+    groups: list[dict[str, torch.Tensor]]  # per page group: [group pages, Hkv, rows, width] per field, with sums
     state: dict[str, torch.Tensor]
     ready: "torch.cuda.Event | None"  # recorded after the host-to-device copies (CUDA)
 
@@ -94,7 +97,8 @@ class PagedKVBackend(KVBackend):
         counts = self.layout.page_token_counts(n)
         pages = self.pool.page_tensor(seq_id)[: len(counts)]
         fields = self.layout.page_fields(with_sums=False)
-        stacked = {f.name: _to_host(cache[f.name].index_select(0, pages), fresh=True) for f in fields}
+        stacked = [{f.name: _to_host(cache[f.name].index_select(0, pages[start:stop]), fresh=True) for f in fields}
+                   for start, stop in page_groups(self.layout, len(counts))]
         state = self._export_state(cache, seq_id, n)
         if self.pool.device.type == "cuda":
             torch.cuda.current_stream(self.pool.device).synchronize()  # the non-blocking copies above
@@ -112,56 +116,71 @@ class PagedKVBackend(KVBackend):
         self.write_import(seq_id, layer, self.prepare_import(kv))
 
     def prepare_import(self, kv: LayerKV) -> PreparedImport:
-        """Check an exported layer and stage it on the pool's device: one host-to-device copy per field, sums
-        recomputed there. Touches no pool state, so it may run on another thread than the model's."""
+        """Check an exported layer and stage it on the pool's device: one host-to-device copy per field and page
+        group, sums recomputed there. Touches no pool state, so it may run on another thread than the model's."""
         self._check_import(kv)
         stacked = kv.stacked if kv.stacked is not None else self._stack(kv)
         device = self.pool.device
         pin = device.type == "cuda"
-        fields = {name: (t.pin_memory() if pin and not t.is_pinned() else t).to(device, non_blocking=pin)
-                  for name, t in stacked.items()}
-        if self.config.compressed and self.config.sum_elimination and kv.pages:
-            fields |= self._stacked_sums(fields)
+        groups = []
+        for group in stacked:
+            fields = {name: (t.pin_memory() if pin and not t.is_pinned() else t).to(device, non_blocking=pin)
+                      for name, t in group.items()}
+            if self.config.compressed and self.config.sum_elimination:
+                fields |= self._stacked_sums(fields)
+            groups.append(fields)
         state = {name: t.to(device, non_blocking=pin) for name, t in kv.state.items()}
         event = None
         if pin:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(device))
-        return PreparedImport(kv.num_tokens, len(kv.pages), fields, state, event)
+        return PreparedImport(kv.num_tokens, len(kv.pages), groups, state, event)
 
     def write_import(self, seq_id: int, layer: int, prepared: PreparedImport) -> None:
-        """Scatter a staged layer into seq_id's pages: one indexed copy per field (whole pages: the rows past a
-        partial last page's tokens are unused slots), then the 16-bit state."""
+        """Scatter a staged layer into seq_id's pages: one indexed copy per field and page group (whole pages:
+        the rows past a partial last page's tokens are unused slots), then the 16-bit state."""
         n = self.pool.num_tokens(seq_id)
         if seq_id not in self.pool or prepared.num_tokens != n:
             raise ValueError(f"sequence {seq_id} holds {n} tokens here, the imported layer has {prepared.num_tokens}")
         if prepared.ready is not None:
             torch.cuda.current_stream(self.pool.device).wait_event(prepared.ready)
         cache, pages = self.pool.layers[layer], self.pool.page_tensor(seq_id)[: prepared.num_pages]
-        for name, values in prepared.fields.items():
-            cache[name].index_copy_(0, pages, values)
+        for (start, stop), group in zip(page_groups(self.layout, prepared.num_pages), prepared.groups):
+            for name, values in group.items():
+                cache[name].index_copy_(0, pages[start:stop], values)
         if self.config.compressed:
             self._import_state(cache, seq_id, prepared.state, self.layout.split(n).quantized)
 
-    def _stack(self, kv: LayerKV) -> dict[str, torch.Tensor]:
-        """stacked for a LayerKV built page by page: [pages, Hkv, rows per page, width], partial pages padded."""
+    def _stack(self, kv: LayerKV) -> list[dict[str, torch.Tensor]]:
+        """stacked for a LayerKV built page by page: [group pages, Hkv, rows per page, width] per field and
+        page group, partial pages padded."""
         h, bs = self.layout.num_kv_heads, self.config.block_size
-        stacked = {}
-        for f in self.layout.page_fields(with_sums=False):
-            out = torch.zeros((len(kv.pages), h, f.rows(bs), f.width), dtype=f.dtype)
-            for i, page in enumerate(kv.pages):
-                out[i, :, : page[f.name].shape[1]] = page[f.name]
-            stacked[f.name] = out
-        return stacked
+        groups = []
+        for start, stop in page_groups(self.layout, len(kv.pages)):
+            group = {}
+            for f in self.layout.page_fields(with_sums=False):
+                out = torch.zeros((stop - start, h, f.rows(bs), f.width), dtype=f.dtype)
+                for i, page in enumerate(kv.pages[start:stop]):
+                    out[i, :, : page[f.name].shape[1]] = page[f.name]
+                group[f.name] = out
+            groups.append(group)
+        return groups
 
     def _stacked_sums(self, fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """k_sums/v_sums (format.recompute_sums) of stacked page fields [pages, Hkv, rows, width], through a
-        byte -> codes table and float32 sums instead of shifts and sums on int32 (several times faster on CPU); groups never cross a page."""
+        byte -> codes table and float32 sums instead of shifts and sums on int32 (several times faster on CPU);
+        SUM_PAGES pages at a time, so the unpacked codes stay small (cache-resident on CPU)."""
         bits, pi, pd = self.config.bits, self.config.partition, self.layout.head_partition
-        k_codes, v_codes = (unpack_float(fields[name], bits) for name in ("k_codes", "v_codes"))
-        k_sums = k_codes.unflatten(-1, (-1, pd)).sum(-1)  # float32: exact for these integer sums
-        v_sums = v_codes.unflatten(2, (-1, pi)).sum(3)
-        return {"k_sums": k_sums.to(torch.int16), "v_sums": v_sums.to(torch.int16)}
+        k_codes, v_codes = fields["k_codes"], fields["v_codes"]
+        pages, heads, rows = k_codes.shape[:3]
+        d = self.layout.head_dim
+        k_sums = torch.empty((pages, heads, rows, d // pd), dtype=torch.int16, device=k_codes.device)
+        v_sums = torch.empty((pages, heads, rows // pi, d), dtype=torch.int16, device=k_codes.device)
+        for p0 in range(0, pages, SUM_PAGES):
+            p1 = min(p0 + SUM_PAGES, pages)
+            k_sums[p0:p1] = unpack_float(k_codes[p0:p1], bits).unflatten(-1, (-1, pd)).sum(-1)  # exact in fp32
+            v_sums[p0:p1] = unpack_float(v_codes[p0:p1], bits).unflatten(2, (-1, pi)).sum(3)
+        return {"k_sums": k_sums, "v_sums": v_sums}
 
     def _import_state(self, cache: Cache, seq_id: int, state: dict[str, torch.Tensor], tail_start: int) -> None:
         slot = self.pool.state_slot(seq_id)
@@ -180,8 +199,11 @@ class PagedKVBackend(KVBackend):
             raise ValueError(f"{kv.num_tokens} tokens need {len(counts)} pages, got {len(kv.pages)}")
         h, bs = self.layout.num_kv_heads, self.config.block_size
         for f in self.layout.page_fields(with_sums=False):
-            if kv.stacked is not None:
-                _check_tensor(f"stacked {f.name}", kv.stacked.get(f.name), (len(counts), *f.shape(h, bs)), f.dtype)
+            groups = page_groups(self.layout, len(counts)) if kv.stacked is not None else []
+            if kv.stacked is not None and len(kv.stacked) != len(groups):
+                raise ValueError(f"{len(counts)} pages come in {len(groups)} groups, got {len(kv.stacked)}")
+            for (start, stop), group in zip(groups, kv.stacked or []):
+                _check_tensor(f"stacked {f.name}", group.get(f.name), (stop - start, *f.shape(h, bs)), f.dtype)
             for page, count in zip(kv.pages, counts):
                 _check_tensor(f"page {f.name}", page.get(f.name), f.shape(h, count), f.dtype)
         split = self.layout.split(kv.num_tokens)

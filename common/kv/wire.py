@@ -22,7 +22,7 @@ import torch
 
 from common.kv.config import KEY_AXES, MODES
 from common.kv.format import (STATE_FIELDS, STORAGE_DTYPE, WIRE_HEADER, WIRE_MAGIC, WIRE_TRAILER, WIRE_VERSION,
-                              KVLayout, LayerKV)
+                              KVLayout, LayerKV, page_groups)
 
 PAGE, STATE = 0, 1
 
@@ -114,26 +114,34 @@ def decode_layer(layout: KVLayout, chunks: list[bytes]) -> LayerKV:
     return LayerKV.from_stacked(layout, num_tokens, stacked, counts, state)
 
 
-def _stack_pages(layout: KVLayout, views: list[memoryview], headers: list[ChunkHeader]) -> dict[str, torch.Tensor]:
-    """Copy each page chunk's fields into per-field host tensors [pages, Hkv, rows per page, width]; the rows of
-    a partial last page past its tokens stay zero."""
+def _stack_pages(layout: KVLayout, views: list[memoryview], headers: list[ChunkHeader]
+                 ) -> list[dict[str, torch.Tensor]]:
+    """Copy each page chunk's fields into per-field host tensors [group pages, Hkv, rows per page, width], one
+    per `page_groups` group; the rows of a partial last page past its tokens are zeroed."""
     h, bs = layout.num_kv_heads, layout.config.block_size
     fields = layout.page_fields(with_sums=False)
-    stacked = {f.name: torch.zeros((len(views), h, f.rows(bs), f.width), dtype=f.dtype) for f in fields}
-    raw = {name: t.view(torch.uint8).numpy() for name, t in stacked.items()}  # [P, Hkv, rows, width bytes]
-    for page, (view, header) in enumerate(zip(views, headers)):
-        if header.num_tokens > bs:
-            raise WireFormatError(f"page chunk of {header.num_tokens} tokens, more than a page's {bs}")
-        payload, offset = _payload(view), 0
-        if len(payload) != sum(f.nbytes(h, header.num_tokens) for f in fields):
-            raise WireFormatError(f"payload has {len(payload)} bytes, the header implies "
-                                  f"{sum(f.nbytes(h, header.num_tokens) for f in fields)}")
-        for f in fields:
-            n, rows = f.nbytes(h, header.num_tokens), f.rows(header.num_tokens)
-            source = numpy.frombuffer(payload[offset: offset + n], dtype=numpy.uint8)
-            raw[f.name][page, :, :rows] = source.reshape(h, rows, -1)
-            offset += n
-    return stacked
+    groups = []
+    for start, stop in page_groups(layout, len(views)):
+        group = {f.name: torch.empty((stop - start, h, f.rows(bs), f.width), dtype=f.dtype) for f in fields}
+        raw = {name: t.view(torch.uint8).numpy() for name, t in group.items()}  # [pages, Hkv, rows, width bytes]
+        for page in range(start, stop):
+            _copy_page(views[page], headers[page], fields, h, bs, raw, page - start)
+        groups.append(group)
+    return groups
+
+
+def _copy_page(view: memoryview, header: ChunkHeader, fields: list, h: int, bs: int, raw: dict, index: int) -> None:
+    if header.num_tokens > bs:
+        raise WireFormatError(f"page chunk of {header.num_tokens} tokens, more than a page's {bs}")
+    payload, offset = _payload(view), 0
+    expected = sum(f.nbytes(h, header.num_tokens) for f in fields)
+    if len(payload) != expected:
+        raise WireFormatError(f"payload has {len(payload)} bytes, the header implies {expected}")
+    for f in fields:
+        n, rows = f.nbytes(h, header.num_tokens), f.rows(header.num_tokens)
+        raw[f.name][index, :, :rows] = numpy.frombuffer(payload[offset: offset + n], numpy.uint8).reshape(h, rows, -1)
+        raw[f.name][index, :, rows:] = 0  # a partial page's unused rows
+        offset += n
 
 
 def frame_header(layout: KVLayout, kind: int, layer: int, index: int, num_tokens: int, num_sinks: int) -> bytes:
