@@ -5,7 +5,8 @@
 A tiny random model on CPU (2 layers, hidden 64: the forward is cheap, so the host work shows). For each KV mode
 and batch size: `step` = DecodeRunner.step (build the ForwardBatch, reserve pages, block tables and state slots,
 validation, forward, sampling); `forward` = the model's forward alone on the same batch with the backend's batch
-tensors already built (what is left with no host bookkeeping). overhead = step - forward, medians.
+tensors already built (what is left with no host bookkeeping), right after each step. overhead = step -
+forward, minimum over the repetitions (the least disturbed run on a shared host).
 --before REF runs the same measurement on the code of git revision REF (extracted with `git archive` into a
 temporary directory, run in a subprocess), for a before/after table in one run.
 """
@@ -27,7 +28,6 @@ import torch
 
 from common.kv.config import KVConfig
 from common.kv.factory import make_kv_backend
-from common.kv.interface import ForwardBatch
 from common.loader import load_model
 from common.random_models import RandomModelSpec, write_random_checkpoint
 from common.sampling import SamplingParams
@@ -58,24 +58,20 @@ def measure(mode: str, batch_size: int, reps: int, loaded) -> dict:
         runner.allocate(seq_id, CONTEXT)
         requests.append(SimpleNamespace(seq_id=seq_id, prompt_len=CONTEXT, params=params, output_ids=[7],
                                         num_cached=CONTEXT, last_token=7))
-    steps = []
-    for _ in range(reps + 3):
+    steps, forwards = [], []
+    tokens = torch.full((batch_size,), 7)
+    for _ in range(reps + 3):  # interleaved, so both see the same machine load
         start = time.perf_counter()
         runner.step(_plan(requests))
         steps.append(time.perf_counter() - start)
-        for request in requests:
-            request.num_cached += 1
-            request.output_ids.append(7)
-    forward_batch = ForwardBatch.build([r.seq_id for r in requests], [r.num_cached for r in requests],
-                                       [1] * batch_size)
-    backend.reserve(forward_batch)
-    tokens = torch.full((batch_size,), 7)
-    forwards = []
-    for _ in range(reps + 3):  # the same batch again and again: the backend's batch tensors are reused
+        forward_batch = backend._batch_cache[0]  # the step's batch, its tensors already built: forward only
         start = time.perf_counter()
         loaded.model(tokens, forward_batch, backend)
         forwards.append(time.perf_counter() - start)
-    step, forward = statistics.median(steps[3:]), statistics.median(forwards[3:])
+        for request in requests:
+            request.num_cached += 1
+            request.output_ids.append(7)
+    step, forward = min(steps[3:]), min(forwards[3:])
     return {"mode": mode, "batch": batch_size, "step_ms": 1e3 * step, "forward_ms": 1e3 * forward,
             "overhead_ms": 1e3 * (step - forward)}
 
@@ -113,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     before = run_before(args.before, args.reps) if args.before else [None] * len(after)
     lines = [f"Tiny random model (2 layers, hidden 64, 4 query / 2 KV heads), {CONTEXT} cached tokens per sequence, "
-             f"CPU ({platform.machine()}, {torch.get_num_threads()} threads), median of {args.reps} steps, 1-minute "
+             f"CPU ({platform.machine()}, {torch.get_num_threads()} threads), minimum of {args.reps} steps, 1-minute "
              f"load average {os.getloadavg()[0]:.1f}. overhead = step - forward (host work outside the model's "
              f"compute)" + (f"; before = revision {args.before}, same run" if args.before else "") +
              ". Command: `python -m bench.decode_overhead" + (f" --before {args.before}`." if args.before else "`."),
