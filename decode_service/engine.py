@@ -1,8 +1,14 @@
 """The decode engine: the asyncio side of continuous batching.
 
 One loop task runs `scheduler.schedule()` → `runner.step()` → `scheduler.record_step()` for as long as any
-request is ready or running; the model work (steps, KV imports, frees) runs on one dedicated thread, so the event
-loop keeps serving RPCs while a step computes and the pool is only ever touched by that thread, in submission order.
+request is ready, running or swapped, or imported KV waits to be written; the model work (steps, swaps, KV writes,
+frees) runs on one dedicated thread, so the event loop keeps serving RPCs while a step computes and the pool is
+only ever touched by that thread, in submission order.
+
+KV imports stay off the step's critical path: a pushed layer is verified, parsed and staged on the device (one
+copy per field, sums recomputed) on a separate import thread; the model thread then writes staged layers into
+the pool (one scatter per field) before each step, at most `import_budget_bytes` of them per step (at least
+one layer), so a long prompt's arriving KV delays each running request's next token by a bounded amount.
 Every request has an event queue its Generate stream reads: `TokenEvent`s, ending with one whose finish_reason is
 set, or a `ServiceError` when the request fails (cancel, KV-transfer timeout, bad KV, model error).
 """
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,8 +27,9 @@ import grpc
 
 from common.sampling import SamplingParams, TokenLogprobs
 from common.service import Counters, ServiceError
-from decode_service.runner import DecodeRunner
-from decode_service.scheduler import AdmissionError, DecodeRequest, RequestState, Scheduler
+from common.kv.backends import PreparedImport
+from decode_service.runner import DecodeRunner, StepResult
+from decode_service.scheduler import AdmissionError, DecodeRequest, RequestState, Scheduler, StepPlan
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,15 +57,33 @@ class TokenEvent:
 
 
 Event = TokenEvent | ServiceError
+DEFAULT_IMPORT_BUDGET_BYTES = 32 << 20
+
+
+@dataclass
+class StagedLayer:
+    """A pushed layer staged on the device, waiting for the model thread to write it into the pool."""
+
+    request: DecodeRequest
+    layer: int
+    staged: PreparedImport
+    nbytes: int
+    written: asyncio.Future
 
 
 class DecodeEngine:
-    def __init__(self, runner: DecodeRunner, scheduler: Scheduler, kv_timeout_s: float) -> None:
+    def __init__(self, runner: DecodeRunner, scheduler: Scheduler, kv_timeout_s: float,
+                 import_budget_bytes: int = DEFAULT_IMPORT_BUDGET_BYTES) -> None:
         if kv_timeout_s <= 0:
             raise ValueError(f"kv_timeout_s must be > 0, got {kv_timeout_s}")
+        if import_budget_bytes < 1:
+            raise ValueError(f"import_budget_bytes must be >= 1, got {import_budget_bytes}")
         self.runner, self.scheduler, self.kv_timeout_s = runner, scheduler, kv_timeout_s
+        self.import_budget_bytes = import_budget_bytes
         self.counters = Counters()
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-model")
+        self._import_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-kv-import")
+        self._staged: deque[StagedLayer] = deque()
         self._events: dict[str, asyncio.Queue[Event]] = {}
         self._kv_deadlines: dict[str, asyncio.TimerHandle] = {}
         self._wakeup = asyncio.Event()
@@ -72,6 +98,7 @@ class DecodeEngine:
             self.fail(request, ServiceError(grpc.StatusCode.UNAVAILABLE, "the decode instance is shutting down"))
         if self._loop_task is not None:
             self._loop_task.cancel()
+        self._import_thread.shutdown(wait=True)
         self._model_thread.shutdown(wait=True)
 
     def begin_drain(self) -> None:
@@ -83,6 +110,30 @@ class DecodeEngine:
 
     async def on_model_thread(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
+
+    async def import_layer(self, request: DecodeRequest, layer: int, chunks: list[bytes]) -> None:
+        """Stage a pushed layer on the import thread, then have the model thread write it before a step; returns
+        once it is in the pool (WireFormatError / WireChecksumError if the chunks are bad)."""
+        loop = asyncio.get_running_loop()
+        staged = await loop.run_in_executor(self._import_thread, self.runner.stage_import, layer, chunks)
+        written = loop.create_future()
+        self._staged.append(StagedLayer(request, layer, staged, sum(map(len, chunks)), written))
+        self._wakeup.set()
+        await written
+
+    def _take_staged(self) -> list[StagedLayer]:
+        """Staged layers for the next model-thread call: up to the byte budget, at least one; those of requests
+        no longer waiting for their KV are dropped."""
+        taken, nbytes = [], 0
+        while self._staged and (not taken or nbytes + self._staged[0].nbytes <= self.import_budget_bytes):
+            item = self._staged.popleft()
+            if item.request.state is not RequestState.WAITING_FOR_KV:
+                item.written.set_exception(ServiceError(grpc.StatusCode.CANCELLED, f"request "
+                                                        f"{item.request.request_id!r} ended before its KV was stored"))
+                continue
+            taken.append(item)
+            nbytes += item.nbytes
+        return taken
 
     # -- request life cycle ---------------------------------------------------------------------------------------
 
@@ -119,9 +170,13 @@ class DecodeEngine:
         """End a live request with an error status and free its KV (no-op once it finished)."""
         if request.state is RequestState.FINISHED:
             return
+        self.scheduler.finish(request)
+        self._report_failure(request, error)
+
+    def _report_failure(self, request: DecodeRequest, error: ServiceError) -> None:
+        """Send the error of a request the scheduler already finished, and free its KV."""
         log.info("request %s failed: %s: %s", request.request_id, error.code.name, error.message)
         self.counters.count_failure(error.code)
-        self.scheduler.finish(request)
         self._events[request.request_id].put_nowait(error)
         self._release(request)
 
@@ -145,6 +200,7 @@ class DecodeEngine:
         if deadline is not None:
             deadline.cancel()
         self._model_thread.submit(self.runner.free, request.seq_id).add_done_callback(_log_failure)
+        self._wakeup.set()  # its blocks may let a swapped or ready request run
 
     def _emit(self, request: DecodeRequest, event: TokenEvent) -> None:
         self.counters.generated_tokens += 1
@@ -159,28 +215,53 @@ class DecodeEngine:
 
     async def _run(self) -> None:
         while True:
-            batch = self.scheduler.schedule()
-            if not batch:
+            plan = self.scheduler.schedule()
+            for request, message in plan.failed:
+                self._report_failure(request, ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message))
+            imports = self._take_staged()
+            if not (plan.batch or plan.swap_out or plan.swap_in or imports):
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            await self._step(batch)
+            await self._step(plan, imports)
 
-    async def _step(self, batch: list[DecodeRequest]) -> None:
+    async def _step(self, plan: StepPlan, imports: list[StagedLayer]) -> None:
         start = time.monotonic()
-        try:
-            result = await self.on_model_thread(self.runner.step, batch)
-        except Exception as error:  # a model error fails this batch, not the instance
-            log.exception("decode step failed")
-            for request in batch:
-                self.fail(request, ServiceError(grpc.StatusCode.INTERNAL, f"decode step failed: {error}"))
+        import_errors, result, failure = await self.on_model_thread(self._model_step, plan, imports)
+        for item, error in zip(imports, import_errors):
+            if not item.written.done():
+                item.written.set_result(None) if error is None else item.written.set_exception(error)
+        if failure is not None:  # a model error fails this step's requests, not the instance
+            for request in plan.batch + plan.swap_in + plan.swap_out:
+                self.fail(request, ServiceError(grpc.StatusCode.INTERNAL, f"decode step failed: {failure}"))
             return
         step_s = time.monotonic() - start
-        self.counters.max_batch_size = max(self.counters.max_batch_size, len(batch))
-        logprobs = {request.seq_id: lp for request, lp in zip(batch, result.logprobs)}
-        for request in self.scheduler.record_step(batch, result.tokens, step_s, result.attention_s):
-            self._emit(request, TokenEvent(request.last_token, request.finish_reason, step_s, len(batch),
+        if not plan.batch:
+            return
+        self.counters.max_batch_size = max(self.counters.max_batch_size, len(plan.batch))
+        logprobs = {request.seq_id: lp for request, lp in zip(plan.batch, result.logprobs)}
+        for request in self.scheduler.record_step(plan.batch, result.tokens, step_s, result.attention_s):
+            self._emit(request, TokenEvent(request.last_token, request.finish_reason, step_s, len(plan.batch),
                                            logprobs=logprobs[request.seq_id]))
+
+    def _model_step(self, plan: StepPlan, imports: list[StagedLayer]
+                    ) -> tuple[list[Exception | None], StepResult | None, Exception | None]:
+        """On the model thread: write the staged KV (an error fails its push, not the step), then run the plan."""
+        import_errors = [_call(self.runner.write_import, item.request.seq_id, item.layer, item.staged)
+                         for item in imports]
+        try:
+            return import_errors, self.runner.step(plan), None
+        except Exception as error:
+            log.exception("decode step failed")
+            return import_errors, None, error
+
+
+def _call(fn: Callable[..., object], *args: object) -> Exception | None:
+    try:
+        fn(*args)
+    except Exception as error:
+        return error
+    return None
 
 
 def _timers(request: DecodeRequest) -> DecodeTimers:

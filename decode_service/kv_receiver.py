@@ -9,7 +9,8 @@ A push moves through explicit states:
 The header is checked against the admitted request and this instance (model, shape, KV mode, format version)
 and the prompt's pages are allocated, within the request's admission reservation, before any block is read.
 Blocks are collected per layer; a complete layer is verified (checksum, version, layout: `wire.decode_layer`)
-and imported on the model thread while the next layer's blocks arrive.
+and staged on the engine's import thread while the next layer's blocks arrive, then written into the pool by
+the model thread between decode steps (`DecodeEngine.import_layer`).
 
 A refused push fails its request with the same status, so Generate ends with it (DATA_LOSS for a checksum
 mismatch, FAILED_PRECONDITION for another model, layout or format version). Two cases leave the request waiting:
@@ -153,9 +154,7 @@ class KVReceiver:
         self.result.bytes_received += len(block.data)
         self.engine.counters.kv_bytes += len(block.data)
         if len(chunks) == self.chunks_per_layer:
-            runner = self.engine.runner
-            self.imports.append(asyncio.ensure_future(
-                self.engine.on_model_thread(runner.import_layer, self.request.seq_id, block.layer, chunks)))
+            self.imports.append(asyncio.ensure_future(self.engine.import_layer(self.request, block.layer, chunks)))
         self._raise_import_error(done_only=True)
 
     async def _on_trailer(self, trailer: hack_pb2.KVTrailer) -> None:
@@ -178,6 +177,8 @@ class KVReceiver:
         for future in self.imports:
             if (future.done() or not done_only) and future.exception() is not None:
                 error = future.exception()
+                if isinstance(error, ServiceError):
+                    raise error
                 if isinstance(error, WireChecksumError):
                     raise ServiceError(grpc.StatusCode.DATA_LOSS, f"KV block refused: {error}")
                 if isinstance(error, WireFormatError):

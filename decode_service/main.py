@@ -42,6 +42,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the host prefill instances must push KV to, told to the router (e.g. the pod IP); "
                              "default: --host when it is one routable address, else the address the router dials "
                              "(env HACK_ADVERTISE_HOST, else POD_IP)")
+    parser.add_argument("--swap-space-mb", type=float, default=env("SWAP_SPACE_MB", "4096"),
+                        help="host memory for the KV of preempted requests, in MiB (env HACK_SWAP_SPACE_MB; default "
+                             "4096, like vLLM's swap space); a request preempted with no room left there fails with "
+                             "RESOURCE_EXHAUSTED")
+    parser.add_argument("--kv-import-budget-mb", type=float, default=env("KV_IMPORT_BUDGET_MB", "32"),
+                        help="pushed KV written into the pool between two decode steps, in MiB (at least one "
+                             "layer); bounds how long arriving KV delays a step (env HACK_KV_IMPORT_BUDGET_MB)")
     parser.add_argument("--profile-attention", action="store_true", default=env("PROFILE_ATTENTION") == "1",
                         help="on CUDA, time each decode step's attention (synchronizes the device around it; "
                              "CPU steps are always timed) for DecodeTimers.attention_s (env HACK_PROFILE_ATTENTION=1)")
@@ -53,16 +60,21 @@ def build_servicer(args: argparse.Namespace) -> DecodeServicer:
         raise ValueError(f"--kv-blocks must be >= 1, got {args.kv_blocks}")
     if args.kv_memory_mb <= 0:
         raise ValueError(f"--kv-memory-mb must be > 0, got {args.kv_memory_mb}")
+    if args.swap_space_mb < 0 or args.kv_import_budget_mb <= 0:
+        raise ValueError(f"--swap-space-mb must be >= 0 and --kv-import-budget-mb > 0, got {args.swap_space_mb} "
+                         f"and {args.kv_import_budget_mb}")
     loaded = load_service_model(args)
     kv_config = kv_config_from_args(args)
     param = next(loaded.model.parameters())
     size = ({"max_tokens": args.kv_blocks * kv_config.block_size} if args.kv_blocks is not None
             else {"memory_bytes": int(args.kv_memory_mb * 2**20)})
     backend = make_kv_backend(kv_config, loaded.config, param.device, param.dtype, max_seqs=args.max_seqs, **size)
-    scheduler = Scheduler(backend.layout, backend.pool.num_blocks, args.max_seqs, args.max_batch_size or args.max_seqs)
+    swap_blocks = int(args.swap_space_mb * 2**20) // (backend.layout.block_bytes * loaded.config.num_layers)
+    scheduler = Scheduler(backend.layout, backend.pool.num_blocks, args.max_seqs, args.max_batch_size or args.max_seqs,
+                          swap_blocks)
     runner = DecodeRunner(loaded, backend, args.profile_attention)
     runner.grammars.warm_up_in_background()  # structured output's token table, off the first request's path
-    engine = DecodeEngine(runner, scheduler, args.kv_timeout_s)
+    engine = DecodeEngine(runner, scheduler, args.kv_timeout_s, int(args.kv_import_budget_mb * 2**20))
     return DecodeServicer(engine, kv_identity(loaded, backend.layout), kv_config.mode,
                           kv_address(args.advertise_host, args.host, args.port))
 

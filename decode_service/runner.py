@@ -1,6 +1,8 @@
-"""The decode service's model side: the paged KV backend, KV import and one batched decode step.
+"""The decode service's model side: the paged KV backend, KV import, swapping and one batched decode step.
 
-Every method runs on the engine's single model thread, so the pool is never touched by two threads at once.
+Every method but `stage_import` runs on the engine's single model thread, so the pool is never touched by two
+threads at once. `stage_import` (checksums, parsing, the host-to-device copy, code sums) runs on the engine's
+import thread and touches no pool state; the model thread then writes staged layers between steps.
 """
 from __future__ import annotations
 
@@ -9,13 +11,14 @@ from typing import NamedTuple
 
 import torch
 
-from common.kv.backends import PagedKVBackend
+from common.kv.backends import PagedKVBackend, PreparedImport
+from common.kv.format import LayerKV
 from common.kv.interface import ForwardBatch, KVBackend
 from common.kv.wire import decode_layer
 from common.loader import LoadedModel
 from common.sampling import Sampler, TokenHistory, TokenLogprobs
 from common.structured import GrammarCompiler, advance, mask_logits
-from decode_service.scheduler import DecodeRequest
+from decode_service.scheduler import DecodeRequest, StepPlan
 
 
 class StepResult(NamedTuple):
@@ -66,6 +69,7 @@ class DecodeRunner:
         self.sampler = Sampler()
         self.grammars = GrammarCompiler(loaded.tokenizer, loaded.config.vocab_size)
         self.time_attention = profile_attention or self.device.type == "cpu"
+        self._swapped: dict[int, list[LayerKV]] = {}  # preempted sequences' KV in host memory, by seq_id
 
     def allocate(self, seq_id: int, num_tokens: int) -> None:
         """Pages and a state slot for an incoming prompt, replacing whatever an earlier push stored
@@ -73,16 +77,31 @@ class DecodeRunner:
         self.backend.free(seq_id)
         self.backend.allocate_sequence(seq_id, num_tokens)
 
-    def import_layer(self, seq_id: int, layer: int, chunks: list[bytes]) -> None:
-        """Verify (checksum, version, layout) and store one layer's wire chunks; WireFormatError if bad."""
-        self.backend.import_layer(seq_id, layer, decode_layer(self.layout, chunks))
+    def stage_import(self, layer: int, chunks: list[bytes]) -> PreparedImport:
+        """Verify (checksum, version, layout) and stage one layer's wire chunks on the device; WireFormatError if
+        bad. Runs on the import thread: no pool state is read or written."""
+        return self.backend.prepare_import(decode_layer(self.layout, chunks))
 
-    def step(self, batch: list[DecodeRequest]) -> StepResult:
-        """Feed every request's newest token, sample the next one for each."""
+    def write_import(self, seq_id: int, layer: int, staged: PreparedImport) -> None:
+        self.backend.write_import(seq_id, layer, staged)
+
+    def import_layer(self, seq_id: int, layer: int, chunks: list[bytes]) -> None:
+        """stage_import then write_import, on the calling thread."""
+        self.write_import(seq_id, layer, self.stage_import(layer, chunks))
+
+    def step(self, plan: StepPlan) -> StepResult:
+        """Swap out, swap in, then feed every request of the batch its newest token and sample the next one."""
+        for request in plan.swap_out:
+            self.swap_out(request.seq_id)
+        for request in plan.swap_in:
+            self.swap_in(request.seq_id)
+        batch = plan.batch
+        if not batch:
+            return StepResult([], 0.0, [])
         seq_ids = [r.seq_id for r in batch]
         forward = ForwardBatch.build(seq_ids, [r.num_cached for r in batch], [1] * len(batch), self.device)
         self.backend.reserve(forward)
-        tokens = torch.tensor([r.last_token for r in batch], device=self.device)
+        tokens = torch.tensor([r.last_token for r in batch]).to(self.device, non_blocking=True)
         kv = AttentionClock(self.backend, self.device) if self.time_attention else self.backend
         logits = self.loaded.model(tokens, forward, kv)
         params = [r.params for r in batch]
@@ -100,8 +119,24 @@ class DecodeRunner:
                 request.grammar = self.grammars.matcher(request.params.json_schema, replay=request.output_ids)
         return [request.grammar for request in batch]
 
-    def free(self, seq_id: int) -> None:
+    def swap_out(self, seq_id: int) -> None:
+        """Move a preempted sequence's KV to host memory (exact: the same bytes come back) and free its pages."""
+        self._swapped[seq_id] = [self.backend.export_layer(seq_id, layer) for layer in range(self.num_layers)]
         self.backend.free(seq_id)
+
+    def swap_in(self, seq_id: int) -> None:
+        layers = self._swapped.pop(seq_id)
+        self.backend.allocate_sequence(seq_id, layers[0].num_tokens)
+        for layer, kv in enumerate(layers):
+            self.backend.import_layer(seq_id, layer, kv)
+
+    def free(self, seq_id: int) -> None:
+        self._swapped.pop(seq_id, None)
+        self.backend.free(seq_id)
+
+    @property
+    def num_layers(self) -> int:
+        return self.backend.pool.num_layers
 
     @property
     def used_blocks(self) -> int:

@@ -1,16 +1,24 @@
-"""Continuous batching for the decode service: request states, KV admission and batch selection.
+"""Continuous batching for the decode service: request states, KV admission, preemption and batch selection.
 
-A request's life (every transition happens on the event loop; the model thread only runs forwards):
+A request's life (every transition happens on the event loop; the model thread runs what a StepPlan says):
 
     admit ──> WAITING_FOR_KV ──kv_ready──> READY ──schedule──> RUNNING ──(stop / max_tokens)──> FINISHED
-                    │                        │                    │
+                    │                        │                  │    ^
+                    │                        │           preempt│    │swap in
+                    │                        │                  v    │
+                    │                        │                 SWAPPED
                     └───────── cancel, error, KV-transfer timeout ┴──────────────────────────> FINISHED
 
-Admission reserves a request's worst case up front: the pages of prompt_len + max_tokens - 1 stored tokens (the
-last sampled token is never fed back) and one sequence slot. A request once admitted therefore never runs out of
-KV room mid-decode, so there is no preemption; one that does not fit is refused before any of its KV is sent.
-The scheduler only counts pages: the model thread allocates them in the pool as tokens arrive, always within
-what was reserved here.
+Blocks are allocated as sequences grow, like vLLM: admission counts the pages of the prompt plus the first
+decoded token (the prefill's token, stored by the first step), not prompt + max_tokens, so max_tokens reserves
+nothing it may never use. Each step every running request grows by one token, oldest first; when the pool has
+no block for that, the newest running request is preempted: its KV is swapped out to host memory (exact, so its
+output does not change) and it resumes, oldest first, once its blocks are free again. Admission still refuses a
+request whose prompt does not fit the free blocks now, and one that could not finish even alone in the pool
+(prompt + max_tokens larger than the pool). With the host swap space full too, the preempted request fails with
+RESOURCE_EXHAUSTED rather than stall every other one.
+The scheduler only counts blocks (block_manager.py); the model thread allocates them in the pool within those
+counts, in the order the plans arrive.
 """
 from __future__ import annotations
 
@@ -23,12 +31,14 @@ from typing import Any
 from common.kv.format import KVLayout
 from common.sampling import SamplingParams
 from common.sequence import finish_reason
+from decode_service.block_manager import BlockCount, BlockManager
 
 
 class RequestState(enum.Enum):
     WAITING_FOR_KV = "waiting_for_kv"  # admitted; its KV is being pushed by a prefill instance
     READY = "ready"  # KV imported and first token known; waiting for a batch slot
     RUNNING = "running"  # decoded at every step
+    SWAPPED = "swapped"  # preempted: its KV waits in host memory for room in the pool
     FINISHED = "finished"  # stopped, failed or cancelled; its KV is (being) freed
 
 
@@ -42,7 +52,7 @@ class DecodeRequest:
     seq_id: int
     prompt_len: int
     params: SamplingParams
-    reserved_blocks: int
+    blocks: BlockCount = field(default_factory=BlockCount)
     state: RequestState = RequestState.WAITING_FOR_KV
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" or "length" when it ended normally
@@ -56,6 +66,12 @@ class DecodeRequest:
     max_batch_size: int = 0
     sum_batch_size: int = 0
     attention_s: float = 0.0  # summed over the steps the request was in
+    num_preemptions: int = 0
+
+    @property
+    def reserved_blocks(self) -> int:
+        """Pool blocks the request holds now (at admission: its prompt and first decoded token)."""
+        return self.blocks.pool
 
     @property
     def num_cached(self) -> int:
@@ -73,52 +89,72 @@ class DecodeRequest:
         return self.finish_reason
 
 
+@dataclass
+class StepPlan:
+    """What the model thread does next, in this order: swap out, swap in, then one decode step of `batch`."""
+
+    batch: list[DecodeRequest] = field(default_factory=list)
+    swap_out: list[DecodeRequest] = field(default_factory=list)
+    swap_in: list[DecodeRequest] = field(default_factory=list)
+    failed: list[tuple[DecodeRequest, str]] = field(default_factory=list)  # preempted with no swap space left
+
+    def __bool__(self) -> bool:
+        return bool(self.batch or self.swap_out or self.swap_in or self.failed)
+
+
 class Scheduler:
-    def __init__(self, layout: KVLayout, total_blocks: int, max_seqs: int, max_batch_size: int) -> None:
+    def __init__(self, layout: KVLayout, total_blocks: int, max_seqs: int, max_batch_size: int,
+                 swap_blocks: int = 0) -> None:
         if total_blocks < 1 or max_seqs < 1 or max_batch_size < 1:
             raise ValueError(
                 f"need total_blocks, max_seqs and max_batch_size >= 1, got {total_blocks}, {max_seqs}, {max_batch_size}"
             )
         self.layout = layout
+        self.blocks = BlockManager(layout, total_blocks, swap_blocks)
         self.total_blocks, self.max_seqs, self.max_batch_size = total_blocks, max_seqs, max_batch_size
         self.requests: dict[str, DecodeRequest] = {}
         self.ready: deque[DecodeRequest] = deque()
         self.running: list[DecodeRequest] = []
-        self.reserved_blocks = 0
+        self.swapped: deque[DecodeRequest] = deque()
+        self.num_preemptions = 0
         self._next_seq_id = 0
 
     # -- admission ------------------------------------------------------------------------------------------------
 
-    def blocks_needed(self, prompt_len: int, max_tokens: int) -> int:
-        return self.layout.blocks_for(prompt_len + max_tokens - 1)
-
     def admit(self, request_id: str, prompt_len: int, params: SamplingParams) -> DecodeRequest:
-        """Register a request and reserve its KV; AdmissionError when it does not fit (nothing is reserved)."""
+        """Register a request and count its prompt's blocks; AdmissionError when it does not fit (nothing held)."""
         if request_id in self.requests:
             raise ValueError(f"request {request_id!r} is already admitted")
         if prompt_len < 1:
             raise ValueError(f"prompt_len must be >= 1, got {prompt_len}")
-        need = self.blocks_needed(prompt_len, params.max_tokens)
-        if need > self.total_blocks:
+        longest = self.blocks.blocks_for(prompt_len + params.max_tokens - 1)
+        if longest > self.total_blocks:
             raise AdmissionError(
-                f"request {request_id!r} needs {need} KV blocks for {prompt_len} prompt + {params.max_tokens} new "
+                f"request {request_id!r} needs {longest} KV blocks for {prompt_len} prompt + {params.max_tokens} new "
                 f"tokens, more than this instance's {self.total_blocks}"
             )
-        if need > self.free_blocks or len(self.requests) >= self.max_seqs:
+        need = self.blocks.blocks_for(prompt_len + 1)
+        if need > self.admittable_blocks or len(self.requests) >= self.max_seqs:
             raise AdmissionError(
-                f"request {request_id!r} needs {need} KV blocks and a sequence slot; {self.free_blocks} blocks and "
-                f"{self.max_seqs - len(self.requests)} slots are free"
+                f"request {request_id!r} needs {need} KV blocks and a sequence slot; {self.admittable_blocks} blocks "
+                f"and {self.max_seqs - len(self.requests)} slots are free"
             )
-        request = DecodeRequest(request_id, self._next_seq_id, prompt_len, params, need)
+        request = DecodeRequest(request_id, self._next_seq_id, prompt_len, params)
+        self.blocks.allocate(request.blocks, prompt_len + 1)
         self._next_seq_id += 1
         self.requests[request_id] = request
-        self.reserved_blocks += need
         return request
 
     @property
     def free_blocks(self) -> int:
-        """Blocks no admitted request has reserved: what admission can still hand out."""
-        return self.total_blocks - self.reserved_blocks
+        """Pool blocks no request holds: what growth can still hand out."""
+        return self.blocks.free_blocks
+
+    @property
+    def admittable_blocks(self) -> int:
+        """Free blocks less what the swapped requests need to resume: new requests do not take their room."""
+        resume = sum(self.blocks.blocks_for(r.num_cached + 1) for r in self.swapped)
+        return max(0, self.free_blocks - resume)
 
     # -- transitions ----------------------------------------------------------------------------------------------
 
@@ -134,13 +170,65 @@ class Scheduler:
             request.state = RequestState.READY
             self.ready.append(request)
 
-    def schedule(self) -> list[DecodeRequest]:
-        """The next step's batch: every running request, topped up from the ready queue in arrival order."""
-        while self.ready and len(self.running) < self.max_batch_size:
-            request = self.ready.popleft()
+    def schedule(self) -> StepPlan:
+        """The next step: every running request that has (or gets, by preempting newer ones) a block for its next
+        token; without preemptions, swapped requests resume and ready ones start, oldest first, while they fit."""
+        plan = StepPlan()
+        self._grow_running(plan)
+        if not plan.swap_out and not plan.failed:
+            self._resume_swapped(plan)
+            self._start_ready()  # ready requests already hold the blocks of their first step
+        plan.batch = list(self.running)
+        return plan
+
+    def _grow_running(self, plan: StepPlan) -> None:
+        queue, kept = list(self.running), []
+        while queue:
+            request = queue.pop(0)
+            while not self.blocks.can_append(request.blocks, request.num_cached + 1):
+                victim = queue.pop() if queue else request  # the newest running request gives way
+                self._preempt(victim, plan)
+                if victim is request:
+                    break
+            else:
+                self.blocks.allocate(request.blocks, request.num_cached + 1)
+                kept.append(request)
+        self.running = kept
+
+    def _preempt(self, request: DecodeRequest, plan: StepPlan) -> None:
+        self.num_preemptions += 1
+        request.num_preemptions += 1
+        if not self.blocks.can_swap_out(request.blocks):
+            self.finish(request)
+            plan.failed.append((request, f"request {request.request_id!r} was preempted (KV pool full) and the "
+                                         f"host swap space has {self.blocks.free_swap_blocks} of the "
+                                         f"{request.blocks.pool} blocks it needs"))
+            return
+        self.blocks.swap_out(request.blocks)
+        request.state = RequestState.SWAPPED
+        self.swapped.append(request)
+        plan.swap_out.append(request)
+
+    def _resume_swapped(self, plan: StepPlan) -> None:
+        while self.swapped and len(self.running) < self.max_batch_size:
+            request = self.swapped[0]
+            if not self.blocks.can_swap_in(request.blocks, request.num_cached + 1):
+                return
+            self.swapped.popleft()
+            self.blocks.swap_in(request.blocks, request.num_cached + 1)
             request.state = RequestState.RUNNING
             self.running.append(request)
-        return list(self.running)
+            plan.swap_in.append(request)
+
+    def _start_ready(self) -> None:
+        while self.ready and len(self.running) < self.max_batch_size:
+            request = self.ready[0]
+            if not self.blocks.can_append(request.blocks, request.num_cached + 1):
+                return
+            self.ready.popleft()
+            self.blocks.allocate(request.blocks, request.num_cached + 1)
+            request.state = RequestState.RUNNING
+            self.running.append(request)
 
     def record_step(self, batch: list[DecodeRequest], tokens: list[int], step_s: float,
                     attention_s: float = 0.0) -> list[DecodeRequest]:
@@ -163,14 +251,16 @@ class Scheduler:
         return live
 
     def finish(self, request: DecodeRequest) -> None:
-        """Take a request out of every queue and release its reservation (idempotent)."""
+        """Take a request out of every queue and release its blocks (idempotent)."""
         if self.requests.pop(request.request_id, None) is None:
             return
-        self.reserved_blocks -= request.reserved_blocks
+        self.blocks.free(request.blocks)
         if request.state is RequestState.READY:
             self.ready.remove(request)
         elif request.state is RequestState.RUNNING:
             self.running.remove(request)
+        elif request.state is RequestState.SWAPPED:
+            self.swapped.remove(request)
         request.state = RequestState.FINISHED
 
     # -- introspection --------------------------------------------------------------------------------------------
@@ -180,9 +270,9 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        """Admitted and not running: waiting for KV or for a batch slot."""
+        """Admitted and not running: waiting for KV, for a batch slot or for room to swap back in."""
         return len(self.requests) - len(self.running)
 
     @property
     def has_work(self) -> bool:
-        return bool(self.running or self.ready)
+        return bool(self.running or self.ready or self.swapped)

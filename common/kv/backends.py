@@ -14,12 +14,12 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from common.kv.format import Cache, LayerKV, quantize_tokens, recompute_sums, rotation_matrices
+from common.kv.format import Cache, LayerKV, page_groups, quantize_tokens, rotation_matrices
 from common.kv.interface import ForwardBatch, KVBackend
 from common.kv.ops import dispatch
 from common.kv.pool import KVPool
-from common.kv.reference import gather_rows, rotate_heads, write_rows
-from common.kv.torch_fast import select_sequences
+from common.kv.reference import rotate_heads, write_rows
+from common.kv.torch_fast import select_sequences, unpack_float
 
 
 class BatchTensors(NamedTuple):
@@ -30,6 +30,19 @@ class BatchTensors(NamedTuple):
     seq_lens: torch.Tensor  # [B] cached + new
     block_tables: torch.Tensor  # [B, max_blocks] int32
     state_slots: torch.Tensor  # [B]
+
+
+SUM_PAGES = 8  # pages whose codes are unpacked at once when recomputing sums on import
+
+
+class PreparedImport(NamedTuple):
+    """An imported layer staged on the pool's device, waiting for `write_import` (see `prepare_import`)."""
+
+    num_tokens: int
+    num_pages: int
+    groups: list[dict[str, torch.Tensor]]  # per page group: [group pages, Hkv, rows, width] per field, with sums
+    state: dict[str, torch.Tensor]
+    ready: "torch.cuda.Event | None"  # recorded after the host-to-device copies (CUDA)
 
 
 class PagedKVBackend(KVBackend):
@@ -75,65 +88,123 @@ class PagedKVBackend(KVBackend):
         self.pool.allocate({seq_id: num_tokens})
 
     def export_layer(self, seq_id: int, layer: int) -> LayerKV:
-        """A copy of everything stored for seq_id in `layer` (sums are left out: the importer recomputes them)."""
+        """A host copy of everything stored for seq_id in `layer` (sums are left out: the importer recomputes
+        them): one gather per field over the sequence's pages into one (pinned, on CUDA) host tensor, one device
+        sync for the layer. The pages of the result are views of those tensors, framed in place by wire.py."""
         if seq_id not in self.pool:
             raise KeyError(f"unknown sequence {seq_id}")
         cache, n = self.pool.layers[layer], self.pool.num_tokens(seq_id)
-        table = self.pool.block_tables([seq_id])[0]
+        counts = self.layout.page_token_counts(n)
+        pages = self.pool.page_tensor(seq_id)[: len(counts)]
         fields = self.layout.page_fields(with_sums=False)
-        pages, start = [], 0
-        for count in self.layout.page_token_counts(n):
-            pages.append({f.name: gather_rows(cache, f.name, table, start, count, self.config.block_size).clone()
-                          for f in fields})
-            start += count
-        return LayerKV(n, pages, self._export_state(cache, seq_id, n))
+        stacked = [{f.name: _to_host(cache[f.name].index_select(0, pages[start:stop]), fresh=True) for f in fields}
+                   for start, stop in page_groups(self.layout, len(counts))]
+        state = self._export_state(cache, seq_id, n)
+        if self.pool.device.type == "cuda":
+            torch.cuda.current_stream(self.pool.device).synchronize()  # the non-blocking copies above
+        return LayerKV.from_stacked(self.layout, n, stacked, counts, state)
 
     def _export_state(self, cache: Cache, seq_id: int, n: int) -> dict[str, torch.Tensor]:
         if not self.config.compressed:
             return {}
-        split, slot = self.layout.split(n), int(self.pool.state_slots([seq_id])[0])
-        return {
-            "sink_k": cache["sink_k"][slot, :, : split.sinks].clone(),
-            "sink_v": cache["sink_v"][slot, :, : split.sinks].clone(),
-            "tail_k": cache["tail_k"][slot, :, : split.tail].clone(),
-            "tail_v": cache["tail_v"][slot, :, : split.tail].clone(),
-        }
+        split, slot = self.layout.split(n), self.pool.state_slot(seq_id)
+        tokens = {"sink_k": split.sinks, "sink_v": split.sinks, "tail_k": split.tail, "tail_v": split.tail}
+        return {name: _to_host(cache[name][slot, :, :count]) for name, count in tokens.items()}
 
     def import_layer(self, seq_id: int, layer: int, kv: LayerKV) -> None:
         """Store an exported layer into this pool's pages for seq_id (allocated with `allocate_sequence`)."""
-        n = self.pool.num_tokens(seq_id)
-        if seq_id not in self.pool or kv.num_tokens != n:
-            raise ValueError(f"sequence {seq_id} holds {n} tokens here, the imported layer has {kv.num_tokens}")
-        self._check_import(kv)
-        cache, table = self.pool.layers[layer], self.pool.block_tables([seq_id])[0]
-        start = 0
-        for page, count in zip(kv.pages, self.layout.page_token_counts(n)):
-            rows = {name: t.to(self.pool.device) for name, t in page.items()}
-            if self.config.compressed and self.config.sum_elimination:
-                rows |= recompute_sums(rows, self.config, self.layout.head_dim)
-            write_rows(cache, rows, table, start, count, self.config.block_size)
-            start += count
-        if self.config.compressed:
-            self._import_state(cache, table, seq_id, kv.state, start)
+        self.write_import(seq_id, layer, self.prepare_import(kv))
 
-    def _import_state(self, cache: Cache, table: torch.Tensor, seq_id: int, state: dict[str, torch.Tensor],
-                      tail_start: int) -> None:
-        slot = int(self.pool.state_slots([seq_id])[0])
+    def prepare_import(self, kv: LayerKV) -> PreparedImport:
+        """Check an exported layer and stage it on the pool's device: one host-to-device copy per field and page
+        group, sums recomputed there. Touches no pool state, so it may run on another thread than the model's."""
+        self._check_import(kv)
+        stacked = kv.stacked if kv.stacked is not None else self._stack(kv)
+        device = self.pool.device
+        pin = device.type == "cuda"
+        groups = []
+        for group in stacked:
+            fields = {name: (t.pin_memory() if pin and not t.is_pinned() else t).to(device, non_blocking=pin)
+                      for name, t in group.items()}
+            if self.config.compressed and self.config.sum_elimination:
+                fields |= self._stacked_sums(fields)
+            groups.append(fields)
+        state = {name: t.to(device, non_blocking=pin) for name, t in kv.state.items()}
+        event = None
+        if pin:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+        return PreparedImport(kv.num_tokens, len(kv.pages), groups, state, event)
+
+    def write_import(self, seq_id: int, layer: int, prepared: PreparedImport) -> None:
+        """Scatter a staged layer into seq_id's pages: one indexed copy per field and page group (whole pages:
+        the rows past a partial last page's tokens are unused slots), then the 16-bit state."""
+        n = self.pool.num_tokens(seq_id)
+        if seq_id not in self.pool or prepared.num_tokens != n:
+            raise ValueError(f"sequence {seq_id} holds {n} tokens here, the imported layer has {prepared.num_tokens}")
+        if prepared.ready is not None:
+            torch.cuda.current_stream(self.pool.device).wait_event(prepared.ready)
+        cache, pages = self.pool.layers[layer], self.pool.page_tensor(seq_id)[: prepared.num_pages]
+        for (start, stop), group in zip(page_groups(self.layout, prepared.num_pages), prepared.groups):
+            for name, values in group.items():
+                cache[name].index_copy_(0, pages[start:stop], values)
+        if self.config.compressed:
+            self._import_state(cache, seq_id, prepared.state, self.layout.split(n).quantized)
+
+    def _stack(self, kv: LayerKV) -> list[dict[str, torch.Tensor]]:
+        """stacked for a LayerKV built page by page: [group pages, Hkv, rows per page, width] per field and
+        page group, partial pages padded."""
+        h, bs = self.layout.num_kv_heads, self.config.block_size
+        groups = []
+        for start, stop in page_groups(self.layout, len(kv.pages)):
+            group = {}
+            for f in self.layout.page_fields(with_sums=False):
+                out = torch.zeros((stop - start, h, f.rows(bs), f.width), dtype=f.dtype)
+                for i, page in enumerate(kv.pages[start:stop]):
+                    out[i, :, : page[f.name].shape[1]] = page[f.name]
+                group[f.name] = out
+            groups.append(group)
+        return groups
+
+    def _stacked_sums(self, fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """k_sums/v_sums (format.recompute_sums) of stacked page fields [pages, Hkv, rows, width], through a
+        byte -> codes table and float32 sums instead of shifts and sums on int32 (several times faster on CPU);
+        SUM_PAGES pages at a time, so the unpacked codes stay small (cache-resident on CPU)."""
+        bits, pi, pd = self.config.bits, self.config.partition, self.layout.head_partition
+        k_codes, v_codes = fields["k_codes"], fields["v_codes"]
+        pages, heads, rows = k_codes.shape[:3]
+        d = self.layout.head_dim
+        k_sums = torch.empty((pages, heads, rows, d // pd), dtype=torch.int16, device=k_codes.device)
+        v_sums = torch.empty((pages, heads, rows // pi, d), dtype=torch.int16, device=k_codes.device)
+        for p0 in range(0, pages, SUM_PAGES):
+            p1 = min(p0 + SUM_PAGES, pages)
+            k_sums[p0:p1] = unpack_float(k_codes[p0:p1], bits).unflatten(-1, (-1, pd)).sum(-1)  # exact in fp32
+            v_sums[p0:p1] = unpack_float(v_codes[p0:p1], bits).unflatten(2, (-1, pi)).sum(3)
+        return {"k_sums": k_sums, "v_sums": v_sums}
+
+    def _import_state(self, cache: Cache, seq_id: int, state: dict[str, torch.Tensor], tail_start: int) -> None:
+        slot = self.pool.state_slot(seq_id)
         for name, values in state.items():
-            cache[name][slot, :, : values.shape[1]] = values.to(self.pool.device)
+            cache[name][slot, :, : values.shape[1]] = values
         tail = state["tail_k"].shape[1]
         if tail and not self.config.requant_elimination:  # the ablation attends to the open partition's codes
             rows = quantize_tokens(cache["tail_k"][slot, :, :tail], cache["tail_v"][slot, :, :tail], self.config,
                                    self.generator, self.config.sum_elimination)
+            table = self.pool.page_tensor(seq_id)
             write_rows(cache, rows, table, tail_start, tail, self.config.block_size)
 
     def _check_import(self, kv: LayerKV) -> None:
         counts = self.layout.page_token_counts(kv.num_tokens)
         if len(kv.pages) != len(counts):
             raise ValueError(f"{kv.num_tokens} tokens need {len(counts)} pages, got {len(kv.pages)}")
-        h = self.layout.num_kv_heads
-        for page, count in zip(kv.pages, counts):
-            for f in self.layout.page_fields(with_sums=False):
+        h, bs = self.layout.num_kv_heads, self.config.block_size
+        for f in self.layout.page_fields(with_sums=False):
+            groups = page_groups(self.layout, len(counts)) if kv.stacked is not None else []
+            if kv.stacked is not None and len(kv.stacked) != len(groups):
+                raise ValueError(f"{len(counts)} pages come in {len(groups)} groups, got {len(kv.stacked)}")
+            for (start, stop), group in zip(groups, kv.stacked or []):
+                _check_tensor(f"stacked {f.name}", group.get(f.name), (stop - start, *f.shape(h, bs)), f.dtype)
+            for page, count in zip(kv.pages, counts):
                 _check_tensor(f"page {f.name}", page.get(f.name), f.shape(h, count), f.dtype)
         split = self.layout.split(kv.num_tokens)
         for name, tokens in (("sink_k", split.sinks), ("sink_v", split.sinks), ("tail_k", split.tail),
@@ -153,6 +224,7 @@ class PagedKVBackend(KVBackend):
 
     def _tensors(self, batch: ForwardBatch) -> BatchTensors:
         if self._batch_cache is None or self._batch_cache[0] is not batch:
+            self._check_reserved(batch)  # once per batch, not in every layer
             device = self.pool.device
             num_cached = torch.tensor(batch.num_cached, dtype=torch.int64, device=device)
             seq_lens = num_cached + torch.tensor(batch.num_new, dtype=torch.int64, device=device)
@@ -163,6 +235,11 @@ class PagedKVBackend(KVBackend):
 
     def _slots(self, seq_ids: tuple[int, ...]) -> torch.Tensor:
         return self.pool.state_slots(seq_ids)
+
+    def _check_reserved(self, batch: ForwardBatch) -> None:
+        for seq_id, cached, new in zip(batch.seq_ids, batch.num_cached, batch.num_new):
+            if self.pool.num_tokens(seq_id) != cached + new:
+                raise ValueError(f"sequence {seq_id} was not reserved for this batch (call reserve first)")
 
     def _check_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       batch: ForwardBatch) -> None:
@@ -176,9 +253,6 @@ class PagedKVBackend(KVBackend):
                 raise ValueError(f"{name} must be [{t}, {h}, {d}], got {tuple(x.shape)}")
         if q.dtype != self.dtype:
             raise ValueError(f"q has dtype {q.dtype}, the backend computes in {self.dtype}")
-        for seq_id, cached, new in zip(batch.seq_ids, batch.num_cached, batch.num_new):
-            if self.pool.num_tokens(seq_id) != cached + new:
-                raise ValueError(f"sequence {seq_id} was not reserved for this batch (call reserve first)")
 
 
 class Fp16KVBackend(PagedKVBackend):
@@ -249,6 +323,15 @@ class CompressedKVBackend(PagedKVBackend):
             sub = BatchTensors(cu, t.num_cached[idx], t.seq_lens[idx], t.block_tables[idx], t.state_slots[idx])
         out[rows] = self._op(name)(q[rows], sub.cu_new, sub.seq_lens, sub.block_tables, sub.state_slots, cache,
                                    self.config, self.softmax_scale)
+
+
+def _to_host(x: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+    """A host copy of x: pinned and non-blocking from CUDA (the caller synchronizes once); on CPU x itself when
+    it is a fresh tensor (a gather), else a clone."""
+    if x.device.type == "cpu":
+        return x if fresh else x.clone()
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    return host.copy_(x, non_blocking=True)
 
 
 def _check_tensor(name: str, x: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> None:

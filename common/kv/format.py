@@ -400,15 +400,40 @@ def recompute_sums(rows: dict[str, torch.Tensor], config: KVConfig, head_dim: in
     }
 
 
+TRANSFER_GROUP_BYTES = 4 << 20  # page bytes per group moved with one copy per field (export, wire, import)
+
+
+def page_groups(layout: KVLayout, num_pages: int) -> list[tuple[int, int]]:
+    """[start, stop) page ranges of about TRANSFER_GROUP_BYTES each: big enough that a layer moves in a few
+    copies per field, small enough that a CPU host reuses the buffers instead of page-faulting fresh ones."""
+    page_bytes = sum(f.nbytes(layout.num_kv_heads, layout.config.block_size) for f in layout.page_fields(False))
+    step = max(1, TRANSFER_GROUP_BYTES // page_bytes)
+    return [(start, min(start + step, num_pages)) for start in range(0, num_pages, step)]
+
+
 @dataclass
 class LayerKV:
     """One layer of one sequence's stored KV, detached from any pool (export, wire, import).
 
     pages: each page's rows for its filled slots ({field: [Hkv, rows, width]} in `page_fields(with_sums=False)`
     order); compressed modes send whole partitions only. state: sink_k/sink_v [Hkv, sinks, D] and tail_k/tail_v
-    [Hkv, tail, D] fp16 (empty in fp16 mode).
+    [Hkv, tail, D] fp16 (empty in fp16 mode). stacked (export and wire decode set it): the page fields of each
+    `page_groups` group as one tensor [group pages, Hkv, rows per page, width] that the pages are views of (a
+    partial last page's extra rows are padding), so a layer moves with one copy per field and group.
     """
 
     num_tokens: int
     pages: list[dict[str, torch.Tensor]]
     state: dict[str, torch.Tensor]
+    stacked: list[dict[str, torch.Tensor]] | None = None
+
+    @staticmethod
+    def from_stacked(layout: KVLayout, num_tokens: int, stacked: list[dict[str, torch.Tensor]],
+                     page_tokens: list[int], state: dict[str, torch.Tensor]) -> "LayerKV":
+        fields = layout.page_fields(with_sums=False)
+        pages = []
+        for (start, _), group in zip(page_groups(layout, len(page_tokens)), stacked):
+            for i, tensors in enumerate(zip(*(group[f.name] for f in fields))):
+                count = page_tokens[start + i]
+                pages.append({f.name: t[:, : f.rows(count)] for f, t in zip(fields, tensors)})
+        return LayerKV(num_tokens, pages, state, stacked)

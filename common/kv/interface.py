@@ -40,9 +40,14 @@ class ForwardBatch:
             raise ValueError(f"duplicate sequence ids in one batch: {seq_ids}")
         if min(num_new) < 1 or min(num_cached) < 0:
             raise ValueError("each sequence needs at least one new token and a non-negative cached count")
-        positions = torch.cat([torch.arange(c, c + n) for c, n in zip(num_cached, num_new)])
-        cu_new = torch.zeros(len(seq_ids) + 1, dtype=torch.int64)
-        cu_new[1:] = torch.cumsum(torch.tensor(num_new), 0)
+        cached = torch.tensor(num_cached, dtype=torch.int64)
+        if len(num_new) == sum(num_new):  # decode: one token per sequence, at its cached count
+            positions, cu_new = cached, torch.arange(len(seq_ids) + 1, dtype=torch.int64)
+        else:
+            counts = torch.tensor(num_new, dtype=torch.int64)
+            cu_new = torch.zeros(len(seq_ids) + 1, dtype=torch.int64)
+            cu_new[1:] = torch.cumsum(counts, 0)
+            positions = torch.repeat_interleave(cached - cu_new[:-1], counts) + torch.arange(int(cu_new[-1]))
         return ForwardBatch(
             tuple(seq_ids), tuple(num_cached), tuple(num_new), positions.to(device), cu_new.to(device)
         )

@@ -18,6 +18,7 @@ from common.kv.interface import KVCacheFull
 @dataclass
 class SequenceAlloc:
     slot: int  # state slot (sinks + tail); -1 in fp16 mode
+    row: int  # the sequence's row of the device block table
     blocks: list[int] = field(default_factory=list)
     num_tokens: int = 0
 
@@ -33,6 +34,10 @@ class KVPool:
         self._free_blocks = list(range(num_blocks - 1, -1, -1))  # a stack: pop() hands out low ids first
         self._free_slots = list(range(max_seqs - 1, -1, -1))
         self._seqs: dict[int, SequenceAlloc] = {}
+        # Block tables on the device, one row per live sequence, written only where pages are added: a batch's
+        # tables are one row gather, not a rebuild from Python lists.
+        self._table = torch.zeros((max_seqs, 1), dtype=torch.int32, device=self.device)
+        self._free_rows = list(range(max_seqs - 1, -1, -1))
 
     @staticmethod
     def blocks_for_budget(layout: KVLayout, num_layers: int, memory_bytes: int, max_seqs: int) -> int:
@@ -101,14 +106,39 @@ class KVPool:
                 f"need {blocks} pages and {slots} state slots, have {self.free_blocks} pages and "
                 f"{self.free_slots} slots free"
             )
+        rows, columns, pages = [], [], []
         for seq_id, total in totals.items():
             seq = self._seqs.get(seq_id)
             if seq is None:
                 slot = self._free_slots.pop() if self.layout.config.compressed else -1
-                seq = self._seqs[seq_id] = SequenceAlloc(slot)
+                seq = self._seqs[seq_id] = SequenceAlloc(slot, self._take_row())
             while len(seq.blocks) < self.layout.blocks_for(total):
+                rows.append(seq.row)
+                columns.append(len(seq.blocks))
                 seq.blocks.append(self._free_blocks.pop())
+                pages.append(seq.blocks[-1])
             seq.num_tokens = total
+        self._write_table(rows, columns, pages)
+
+    def _take_row(self) -> int:
+        if not self._free_rows:  # fp16 pools hold no state slots, so their sequences are not bounded by max_seqs
+            grown = self._table.shape[0]
+            self._table = torch.cat([self._table, torch.zeros_like(self._table)])
+            self._free_rows = list(range(2 * grown - 1, grown - 1, -1))
+        return self._free_rows.pop()
+
+    def _write_table(self, rows: list[int], columns: list[int], pages: list[int]) -> None:
+        """Add pages to the device block table: one host-to-device copy for the whole allocation."""
+        if not pages:
+            return
+        width = max(columns) + 1
+        if width > self._table.shape[1]:
+            wider = torch.zeros((self._table.shape[0], max(width, 2 * self._table.shape[1])), dtype=torch.int32,
+                                device=self.device)
+            wider[:, : self._table.shape[1]] = self._table
+            self._table = wider
+        index = torch.tensor([rows, columns, pages], dtype=torch.int64).to(self.device, non_blocking=True)
+        self._table[index[0], index[1]] = index[2].to(torch.int32)
 
     def free(self, seq_id: int) -> None:
         seq = self._seqs.pop(seq_id, None)
@@ -117,18 +147,26 @@ class KVPool:
         self._free_blocks.extend(reversed(seq.blocks))
         if seq.slot >= 0:
             self._free_slots.append(seq.slot)
+        self._table[seq.row] = 0  # padding reads page 0, as before
+        self._free_rows.append(seq.row)
 
     def block_tables(self, seq_ids: list[int] | tuple[int, ...]) -> torch.Tensor:
-        """[B, max_blocks] int32 page ids, padded with 0 (padding is never read)."""
+        """[B, max_blocks] int32 page ids, padded with 0 (padding is never read): rows of the device table."""
         seqs = [self._seq(s) for s in seq_ids]
         width = max(1, max(len(s.blocks) for s in seqs))
-        table = torch.zeros((len(seqs), width), dtype=torch.int32)
-        for row, seq in zip(table, seqs):
-            row[: len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
-        return table.to(self.device)
+        rows = torch.tensor([s.row for s in seqs], dtype=torch.int64).to(self.device, non_blocking=True)
+        return self._table[rows, :width]
+
+    def page_tensor(self, seq_id: int) -> torch.Tensor:
+        """int64 page ids of one sequence, on the device (no host sync)."""
+        seq = self._seq(seq_id)
+        return self._table[seq.row, : len(seq.blocks)].long()
+
+    def state_slot(self, seq_id: int) -> int:
+        return self._seq(seq_id).slot
 
     def state_slots(self, seq_ids: list[int] | tuple[int, ...]) -> torch.Tensor:
-        return torch.tensor([self._seq(s).slot for s in seq_ids], dtype=torch.int64, device=self.device)
+        return torch.tensor([self._seq(s).slot for s in seq_ids], dtype=torch.int64).to(self.device, non_blocking=True)
 
     def _seq(self, seq_id: int) -> SequenceAlloc:
         seq = self._seqs.get(seq_id)

@@ -169,13 +169,75 @@ def store_fp16_kv(k: torch.Tensor, v: torch.Tensor, cu_new: torch.Tensor, num_ca
 def fp16_attention(q: torch.Tensor, cu_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                    cache: Cache, block_size: int, softmax_scale: float) -> torch.Tensor:
     """reference.fp16_attention over the gathered pages. fp32 on CPU (as the reference); on CUDA in q's dtype
-    with an fp32 softmax, as a 16-bit serving baseline computes."""
+    with an fp32 softmax, as a 16-bit serving baseline computes. A chunk whose padded score tensor
+    [B·Hkv, G·M, L] would exceed SCORE_ELEMENTS (long prompts) runs blockwise (fp16_attention_blockwise), so
+    memory stays bounded at any length."""
     out = torch.empty_like(q)
     _, num_kv_heads, _, head_dim = cache["k"].shape
     for chunk in sequence_chunks(cu_q, block_tables, block_size * num_kv_heads * head_dim):
-        out[chunk.rows] = _fp16_chunk(q[chunk.rows], chunk.cu, seq_lens[chunk.seqs], block_tables[chunk.seqs],
-                                      cache, block_size, softmax_scale)
+        args = (q[chunk.rows], chunk.cu, seq_lens[chunk.seqs], block_tables[chunk.seqs], cache, block_size,
+                softmax_scale)
+        rows, batch = args[0].shape[0], args[2].shape[0]
+        padded_scores = q.shape[1] * (rows if rows == batch else batch * rows) * block_tables.shape[1] * block_size
+        out[chunk.rows] = (_fp16_chunk if padded_scores <= SCORE_ELEMENTS else fp16_attention_blockwise)(*args)
     return out
+
+
+SCORE_ELEMENTS = 1 << 24  # scores one fp16-mode chunk may hold at once (64 MiB in fp32)
+QUERY_BLOCK, KEY_BLOCK = 512, 1024  # tokens per block of the blockwise attention
+
+
+def fp16_attention_blockwise(q: torch.Tensor, cu_q: torch.Tensor, seq_lens: torch.Tensor,
+                             block_tables: torch.Tensor, cache: Cache, block_size: int, softmax_scale: float,
+                             query_block: int = QUERY_BLOCK, key_block: int = KEY_BLOCK) -> torch.Tensor:
+    """FlashAttention-style fp16-mode attention: each sequence's queries in blocks of query_block, its keys
+    gathered from the pages key_block tokens at a time (only those at or before the block's last query), scores
+    of one block pair at a time ([Hq, query_block, key_block]) combined by an online softmax. Memory does not grow
+    with the square of the length."""
+    out = torch.empty_like(q)
+    bounds, lengths = cu_q.tolist(), seq_lens.tolist()  # one sync per call, not per block
+    key_block = max(block_size, key_block // block_size * block_size)
+    for i, seq_len in enumerate(lengths):
+        start, stop = bounds[i], bounds[i + 1]
+        first_position = seq_len - (stop - start)
+        for q0 in range(start, stop, query_block):
+            q1 = min(q0 + query_block, stop)
+            out[q0:q1] = _attend_block(q[q0:q1], first_position + q0 - start, block_tables[i], cache, block_size,
+                                       softmax_scale, key_block)
+    return out
+
+
+def _attend_block(q: torch.Tensor, first_position: int, block_table: torch.Tensor, cache: Cache, block_size: int,
+                  softmax_scale: float, key_block: int) -> torch.Tensor:
+    """Queries q [n, Hq, D] at positions first_position.. over their keys, key_block at a time."""
+    n, num_heads, head_dim = q.shape
+    num_kv_heads = cache["k"].shape[1]
+    group = num_heads // num_kv_heads
+    dtype = torch.float32 if q.device.type == "cpu" else q.dtype
+    queries = q.to(dtype).view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(num_kv_heads, -1,
+                                                                                             head_dim)
+    query_positions = (first_position + torch.arange(n, device=q.device)).repeat(group)  # [G*n], head-major
+    last = first_position + n  # keys [0, last)
+    best = torch.full((num_kv_heads, group * n, 1), float("-inf"), device=q.device)
+    total = torch.zeros((num_kv_heads, group * n, 1), device=q.device)
+    acc = torch.zeros((num_kv_heads, group * n, head_dim), device=q.device)
+    for k0 in range(0, last, key_block):
+        k1 = min(k0 + key_block, last)
+        pages = block_table[k0 // block_size: -(-k1 // block_size)].long()
+        keys, values = (cache[name][pages].transpose(0, 1).flatten(1, 2)[:, : k1 - k0].to(dtype)
+                        for name in ("k", "v"))  # [Hkv, k1 - k0, D]
+        scores = (queries @ keys.mT).float() * softmax_scale
+        if k1 > first_position:  # the block reaches the diagonal: mask keys after each query
+            key_positions = torch.arange(k0, k1, device=q.device)
+            scores.masked_fill_(key_positions[None, None, :] > query_positions[None, :, None], float("-inf"))
+        new_best = torch.maximum(best, scores.amax(-1, keepdim=True))
+        probs = torch.exp(scores - new_best)
+        correction = torch.exp(best - new_best)
+        total = total * correction + probs.sum(-1, keepdim=True)
+        acc = acc * correction + (probs.to(dtype) @ values).float()
+        best = new_best
+    out = (acc / total).view(num_kv_heads, group, n, head_dim).permute(2, 0, 1, 3).reshape(n, num_heads, head_dim)
+    return out.to(q.dtype)
 
 
 def _fp16_chunk(q: torch.Tensor, cu_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,

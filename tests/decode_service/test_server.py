@@ -111,9 +111,10 @@ def test_bad_generate_requests_are_refused(model_dir, fields: dict, message: str
 
 def test_admission_refuses_what_does_not_fit_before_any_kv_is_stored(model_dir) -> None:
     async def scenario():
-        # 4 pages of 32 tokens; a 40-token prompt with 30 new tokens stores 69 tokens: 3 pages.
+        # 4 pages of 32 tokens. Admission counts the prompt and the first decoded token, not max_tokens: a 70-token
+        # prompt holds 3 pages (71 tokens, 4 of them sinks), a 40-token prompt would need 2 more.
         async with run_services(model_dir, decode_flags=["--kv-blocks", "4"]) as services:
-            first = services.decode_stub.Generate(generate_request("a", 40, 30))
+            first = services.decode_stub.Generate(generate_request("a", 70, 30))
             admitted = await first.read()
             second = services.decode_stub.Generate(generate_request("b", 40, 30))
             with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -123,12 +124,12 @@ def test_admission_refuses_what_does_not_fit_before_any_kv_is_stored(model_dir) 
             with pytest.raises(grpc.aio.AioRpcError) as never_fits:
                 await too_big.read()
             await services.decode_stub.Cancel(hack_pb2.CancelRequest(request_id="a"))
-            third = services.decode_stub.Generate(generate_request("d", 40, 30))
+            third = services.decode_stub.Generate(generate_request("d", 70, 30))
             return admitted, refused.value, stats, never_fits.value, await third.read()
 
     admitted, refused, stats, never_fits, readmitted = asyncio.run(scenario())
     assert admitted.admitted.reserved_kv_blocks == 3
-    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "3 KV blocks" in refused.details()
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "2 KV blocks" in refused.details()
     assert (stats.total_kv_blocks, stats.free_kv_blocks, stats.used_kv_blocks) == (4, 1, 0)
     assert stats.waiting_seqs == 1
     assert never_fits.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

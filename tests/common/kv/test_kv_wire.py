@@ -92,3 +92,31 @@ def test_incompatible_layout_version_and_incomplete_layers_are_rejected() -> Non
     other_version[-4:] = crc32(other_version[:-4]).to_bytes(4, "little")
     with pytest.raises(WireFormatError, match="version 1"):
         decode_chunk(backend.layout, other_version)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.mode}-{c.key_axis}-{c.bits}b")
+@pytest.mark.parametrize("n", [1, 17, 130])
+def test_export_wire_import_copies_the_pool_byte_for_byte(cfg: KVConfig, n: int) -> None:
+    """The vectorized export (one gather per field), the framing from its buffers and the import (one copy and
+    one scatter per field) leave the target pool holding exactly the source's bytes, sums included."""
+    from common.kv.reference import gather_rows
+
+    source = _prefilled(cfg, n)
+    target = make_kv_backend(cfg, MODEL, "cpu", torch.float32, max_tokens=512, max_seqs=2)
+    target.allocate_sequence(9, 40)  # another sequence first: the target's pages differ from the source's
+    target.allocate_sequence(4, n)
+    for layer in range(MODEL.num_layers):
+        target.import_layer(4, layer, decode_layer(target.layout, encode_layer(source.layout, layer,
+                                                                                source.export_layer(0, layer))))
+    stored = sum(source.layout.page_token_counts(n))
+    for layer in range(MODEL.num_layers):
+        for f in source.layout.page_fields():
+            rows = [gather_rows(b.pool.layers[layer], f.name, b.pool.block_tables([s])[0], 0, stored,
+                                cfg.block_size) for b, s in ((source, 0), (target, 4))]
+            assert torch.equal(rows[0].view(torch.uint8), rows[1].view(torch.uint8)), (layer, f.name)
+        split = source.layout.split(n)
+        for name, count in (("sink_k", split.sinks), ("sink_v", split.sinks), ("tail_k", split.tail),
+                            ("tail_v", split.tail)) if cfg.compressed else ():
+            a = source.pool.layers[layer][name][source.pool.state_slot(0), :, :count]
+            b = target.pool.layers[layer][name][target.pool.state_slot(4), :, :count]
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (layer, name)

@@ -159,6 +159,37 @@ def test_fp16_attention_matches_reference(num_kv_heads, group, head_dim):
         assert_attention_close(torch_fast.fp16_attention(*args), reference.fp16_attention(*args), FP32)
 
 
+@pytest.mark.parametrize("num_kv_heads, group, head_dim", [(1, 3, 16), (2, 1, 8), (3, 3, 64)])
+def test_blockwise_fp16_attention_matches_reference_on_odd_shapes(num_kv_heads, group, head_dim):
+    seed = fresh_seed()
+    print(f"seed {seed}")  # shown on failure, to replay it
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens = [1, 17, 130, 75]
+    cache, _, tables = fp16_pools(num_kv_heads, head_dim, 32, seq_lens, gen)
+    k, v = (torch.randn(sum(seq_lens), num_kv_heads, head_dim, generator=gen) for _ in "kv")
+    reference.store_fp16_kv(k, v, cumulative(seq_lens), torch.zeros(4, dtype=torch.int64), tables, cache, 32)
+    for counts in ([1, 1, 1, 1], [1, 17, 130, 75], [1, 5, 33, 64]):  # decode, prefill, chunked prefill
+        q = torch.randn(sum(counts), num_kv_heads * group, head_dim, generator=gen)
+        args = (q, cumulative(counts), torch.tensor(seq_lens), tables, cache, 32, head_dim**-0.5)
+        got = torch_fast.fp16_attention_blockwise(*args, query_block=7, key_block=40)  # blocks across pages
+        assert_attention_close(got, reference.fp16_attention(*args), FP32)
+
+
+def test_long_fp16_chunks_take_the_blockwise_path(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch_fast, "SCORE_ELEMENTS", 1000)
+    blockwise = torch_fast.fp16_attention_blockwise
+    monkeypatch.setattr(torch_fast, "fp16_attention_blockwise", lambda *a: calls.append(1) or blockwise(*a))
+    gen = torch.Generator().manual_seed(fresh_seed())
+    cache, _, tables = fp16_pools(2, 16, 32, [40], gen)
+    k, v = (torch.randn(40, 2, 16, generator=gen) for _ in "kv")
+    reference.store_fp16_kv(k, v, cumulative([40]), torch.zeros(1, dtype=torch.int64), tables, cache, 32)
+    q = torch.randn(40, 4, 16, generator=gen)
+    args = (q, cumulative([40]), torch.tensor([40]), tables, cache, 32, 0.25)
+    assert_attention_close(torch_fast.fp16_attention(*args), reference.fp16_attention(*args), FP32)
+    assert calls == [1]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Compressed store
 # ---------------------------------------------------------------------------------------------------------------
