@@ -106,13 +106,14 @@ class Keys(NamedTuple):
 
     sink_k: torch.Tensor  # fp32 [BH, sinks, D]
     sink_v: torch.Tensor  # zero past each sequence's sinks
-    tail_k: torch.Tensor  # fp32 [BH, Π, D]
+    tail_k: torch.Tensor  # fp32 [BH, tail, D]: the open partition plus the 16-bit window (config.window)
     tail_v: torch.Tensor  # zero past each sequence's tail
     pages: dict[str, torch.Tensor]  # see read_pages
     n_sinks: torch.Tensor  # [B]
     n_paged: torch.Tensor  # [B]
     n_tail: torch.Tensor  # [B]
     groups: int  # token groups of Π on the pages read
+    partition: int  # Π
 
 
 def read_keys(cache: Cache, seq_lens: torch.Tensor, block_tables: torch.Tensor, state_slots: torch.Tensor,
@@ -124,7 +125,7 @@ def read_keys(cache: Cache, seq_lens: torch.Tensor, block_tables: torch.Tensor, 
     pages = read_pages(cache, torch_fast.page_ids(block_tables[:, :filled], n_paged, config.block_size), n_paged,
                        config, layout)
     groups = filled * config.block_size // config.partition
-    return Keys(sink_k, sink_v, tail_k, tail_v, pages, n_sinks, n_paged, n_tail, groups)
+    return Keys(sink_k, sink_v, tail_k, tail_v, pages, n_sinks, n_paged, n_tail, groups, config.partition)
 
 
 def read_pages(cache: Cache, pages: torch.Tensor, n_paged: torch.Tensor, config: KVConfig,
@@ -269,15 +270,15 @@ def attend_rows(qh: torch.Tensor, row_pos: torch.Tensor, keys: Keys, groups: int
     page groups and the tail: one fp32 softmax (reference order: sinks, pages, tail). Only the key columns
     some row must not see are masked."""
     batch, rows = row_pos.shape
-    pi, sinks = keys.tail_k.shape[1], keys.sink_k.shape[1]
+    pi, tail, sinks = keys.partition, keys.tail_k.shape[1], keys.sink_k.shape[1]
     paged = groups * pi
-    sink_slots, paged_slots, tail_slots = (torch.arange(n)[None] for n in (sinks, paged, pi))
+    sink_slots, paged_slots, tail_slots = (torch.arange(n)[None] for n in (sinks, paged, tail))
     key_pos = torch.cat([sink_slots.expand(batch, -1), keys.n_sinks[:, None] + paged_slots,
                          (keys.n_sinks + keys.n_paged)[:, None] + tail_slots], dim=1)
     valid = torch.cat([sink_slots < keys.n_sinks[:, None], paged_slots < keys.n_paged[:, None],
                        tail_slots < keys.n_tail[:, None]], dim=1)
     scaled = qh * softmax_scale
-    scores = qh.new_empty((qh.shape[0], rows, sinks + paged + pi))
+    scores = qh.new_empty((qh.shape[0], rows, sinks + paged + tail))
     torch.bmm(scaled, keys.sink_k.mT, out=scores[:, :, :sinks]) if sinks else None
     scores_fn(scaled, groups, scores[:, :, sinks : sinks + paged])
     scores[:, :, sinks + paged :] = scaled @ keys.tail_k.mT
@@ -287,7 +288,7 @@ def attend_rows(qh: torch.Tensor, row_pos: torch.Tensor, keys: Keys, groups: int
         hidden = ~(valid[:, None, first:] & (key_pos[:, None, first:] <= row_pos[:, :, None]))  # [B, R, L - first]
         scores.view(batch, -1, rows, scores.shape[-1])[..., first:].masked_fill_(hidden[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    p_sinks, p_paged, p_tail = probs.split([sinks, paged, pi], dim=-1)
+    p_sinks, p_paged, p_tail = probs.split([sinks, paged, tail], dim=-1)
     out = output_fn(p_paged, groups)
     return out.baddbmm_(p_sinks, keys.sink_v).baddbmm_(p_tail, keys.tail_v)
 
@@ -321,7 +322,7 @@ def dequant_attention(q: torch.Tensor, cu_q: torch.Tensor, seq_lens: torch.Tenso
                                             softmax_scale)
 
     def attend(qh: torch.Tensor, row_pos: torch.Tensor, keys: Keys, groups: int) -> torch.Tensor:
-        length = groups * keys.tail_k.shape[1]
+        length = groups * keys.partition
         k, v = keys.pages["k"][:, :length], keys.pages["v"][:, :length]  # channels in codes order
         order, inverse = keys.pages["order"], keys.pages["inverse"]
         return attend_rows(qh, row_pos, keys, groups, softmax_scale,
@@ -373,7 +374,7 @@ def _prefill_sequence(attend: Attend, q: torch.Tensor, seq_len: int, keys: Keys,
     the key groups its last query can see."""
     n, num_q_heads = q.shape[0], q.shape[1]
     first_pos, sinks, pi = seq_len - n, int(keys.n_sinks[0]), config.partition
-    keys_total = keys.sink_k.shape[1] + keys.groups * pi + pi
+    keys_total = keys.sink_k.shape[1] + keys.groups * pi + keys.tail_k.shape[1]
     block = max(1, BLOCK_ELEMENTS // (num_q_heads * keys_total))
     for start in range(0, n, block):
         stop = min(n, start + block)
