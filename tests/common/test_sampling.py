@@ -159,3 +159,18 @@ def _counting_tolist(transfers: list, original):
 def test_invalid_vllm_params_rejected(bad: dict) -> None:
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_a_resumed_request_draws_what_the_uninterrupted_one_drew() -> None:
+    """position_offset (a migrated request) shifts the seeded positions: the draw at absolute position 7 is the
+    same whether the request sampled 7 tokens before or was resumed after them."""
+    import torch
+
+    from common.sampling import Sampler, SamplingParams
+
+    logits = torch.randn(2, 50)
+    whole = SamplingParams(temperature=0.9, seed=42)
+    resumed = SamplingParams(temperature=0.9, seed=42, position_offset=7)
+    sampler = Sampler()
+    draws = [sampler.sample(logits[:1], [whole], [position])[0] for position in range(7, 12)]
+    assert [sampler.sample(logits[:1], [resumed], [i])[0] for i in range(5)] == draws
