@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from common.cluster import Cluster, ClusterConfig, ClusterStartError, Process, child_environment
+from common.cluster import Cluster, ClusterConfig, ClusterStartError, Process, child_environment, prepare_model
 
 ROUTER_PORT, PREFILL_PORT, DECODE_PORT = 8000, 50051, 50061
 SUBNET_BASE = ipaddress.ip_network("10.200.0.0/16")
@@ -185,6 +185,7 @@ class NetnsCluster(Cluster):
     def start(self) -> None:
         cfg, net = self.config, self.net
         try:
+            prepare_model(cfg.model)  # a GGUF or built-in model converted once, before any namespace exists
             net.create()
             net.shape(self.shape)
             common = ["--model", cfg.model, "--kv-mode", cfg.kv_mode, "--host", "0.0.0.0"]
