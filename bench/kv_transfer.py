@@ -29,7 +29,7 @@ from common.kv import wire
 from common.kv.backends import PagedKVBackend
 from common.kv.config import KVConfig
 from common.kv.factory import make_kv_backend
-from common.kv.format import LayerKV, recompute_sums
+from common.kv.format import recompute_sums
 from common.kv.reference import gather_rows, write_rows
 
 MODEL = SimpleNamespace(num_layers=1, num_heads=32, num_kv_heads=8, head_dim=128)  # one Llama-3-8B layer
