@@ -33,6 +33,7 @@ from common.kv.options import kv_flags
 from common.loader import LoadedModel, load_model
 
 LLAMA3_8B = {"num_layers": 32, "num_kv_heads": 8, "head_dim": 128}  # its 32 query heads do not change KV bytes
+KINDS = ("heldout", "tune", "agreement", "attention_error", "stress")  # the measurements, as the results file names them
 BYTES_AT = 4096  # prompt tokens at which the byte shares are stated (the issue's acceptance point)
 PAPER = KVConfig(mode="hack", bits=2, partition=64, ranges="minmax", rotate=False, window=0)  # HACK's setting
 ACCURATE = dataclasses.replace(PAPER, ranges="mse", rotate=True, window=128)
@@ -80,8 +81,12 @@ class ResultLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.rows: dict[tuple[str, str], dict] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
+        self.reload()
+
+    def reload(self) -> None:
+        """Read what is in the file now (other shards append to it)."""
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
                 row = json.loads(line)
                 self.rows[(row["kind"], config_key(KVConfig.from_dict(row["kv_config"])))] = row
 
@@ -90,6 +95,8 @@ class ResultLog:
 
     def get_or_run(self, kind: str, config: KVConfig, measure: Callable[[], dict]) -> dict:
         key = (kind, config_key(config))
+        if key not in self.rows:
+            self.reload()
         if key not in self.rows:
             row = {"kind": kind, **measure(), "kv_config": dataclasses.asdict(config)}
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,10 +158,10 @@ def run_all(args: argparse.Namespace, log: ResultLog, shard: Shard) -> None:
     tasks += [("heldout", c, heldout) for c in rest] + [("tune", c, tune) for c in first[2:] + rest]
     tasks += [("agreement", c, greedy.agreement) for c in agreement_configs() if c != ACCURATE]
     for kind, config, measure in tasks:
-        if shard.mine():
+        if shard.mine() and kind in args.kinds:
             log.get_or_run(kind, config, lambda c=config, m=measure: m(c))
-    run_attention_error(log, shard)
-    if args.stress_model:
+    run_attention_error(log, shard, args.kinds)
+    if args.stress_model and "stress" in args.kinds:
         stress = load_model(args.stress_model, dtype="float32", device="cpu")
         stress_text = perplexity.read_text_prefix(args.stress_text, args.stress_tokens)
         for config in stress_configs():
@@ -180,14 +187,15 @@ class GreedyReference:
         return agreement.agreement(self.loaded, config, self.prompts, self.args.max_tokens, self.reference)
 
 
-def run_attention_error(log: ResultLog, shard: Shard, tokens: int = 512, decode_steps: int = 64) -> None:
+def run_attention_error(log: ResultLog, shard: Shard, kinds: tuple[str, ...] = KINDS, tokens: int = 512,
+                        decode_steps: int = 64) -> None:
     """Synthetic K/V at head_dim 128 with 4 outlier key channels and an attention sink (common.eval.attention_error)."""
     shape = dict(num_heads=4, num_kv_heads=1, head_dim=128)
     model = attention_error.synthetic_model(**shape, tokens=tokens + decode_steps)
     q, k, v = attention_error.synthetic_qkv(tokens + decode_steps, **shape, outliers=4,
                                             generator=torch.Generator().manual_seed(0), sink_tokens=1)
     for config in rotation_configs():
-        if shard.mine():
+        if shard.mine() and "attention_error" in kinds:
             log.get_or_run("attention_error", config,
                            lambda c=config: attention_error.attention_errors([c], model, q, k, v, tokens)[0])
 
@@ -211,19 +219,22 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
 
 
 def pareto_table(log: ResultLog, model_shape: dict) -> str:
-    configs = [c for c in sweep_configs() if log.get("heldout", c) and log.get("tune", c)]
+    configs = [c for c in sweep_configs() if log.get("heldout", c)]
     fp16 = KVConfig(mode="fp16")
     held, tune = log.get("heldout", fp16), log.get("tune", fp16)
+    if held is None:
+        return "(no held-out measurement yet)"
     llama = {c: byte_shares(c, **LLAMA3_8B) for c in configs}
     own = {c: byte_shares(c, **model_shape) for c in configs}
     front = dict(zip(configs, pareto_front([(llama[c][0], log.get("heldout", c)["perplexity"]) for c in configs])))
-    lines = ["| flags | held-out ppl | vs fp16 | tuning ppl | vs fp16 | next-word accuracy | wire % fp16 "
-             "(Llama-3-8B) | memory % fp16 (Llama-3-8B) | wire % fp16 (this model) | memory % fp16 (this model) "
-             "| Pareto |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| flags | held-out ppl | vs fp16 | tuning ppl | vs fp16 | next-word 4-choice accuracy | next-word top-1 "
+             "| wire % fp16 (Llama-3-8B) | memory % fp16 (Llama-3-8B) | wire % fp16 (this model) | memory % fp16 "
+             "(this model) | Pareto |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for config in sorted(configs, key=lambda c: (-llama[c][0], log.get("heldout", c)["perplexity"])):
         h, t = log.get("heldout", config), log.get("tune", config)
-        lines.append(f"| `{flags_of(config)}` | {h['perplexity']:.3f} | {_change(h, held)} | {t['perplexity']:.3f} "
-                     f"| {_change(t, tune)} | {100 * h['accuracy']:.1f}% | {llama[config][0]:.2f} "
+        tuned = f"{t['perplexity']:.3f} | {_change(t, tune)}" if t and tune else "- | -"
+        lines.append(f"| `{flags_of(config)}` | {h['perplexity']:.3f} | {_change(h, held)} | {tuned} "
+                     f"| {100 * h['accuracy']:.1f}% | {100 * h['exact_match']:.1f}% | {llama[config][0]:.2f} "
                      f"| {llama[config][1]:.2f} | {own[config][0]:.2f} | {own[config][1]:.2f} "
                      f"| {'yes' if front[config] else ''} |")
     return "\n".join(lines)
@@ -255,6 +266,8 @@ def attention_table(log: ResultLog) -> str:
 
 def stress_table(log: ResultLog) -> str:
     fp16 = log.get("stress", KVConfig(mode="fp16"))
+    if fp16 is None:
+        return "(no stories260K measurement in the results file yet)"
     lines = ["| flags | perplexity | vs fp16 |", "|---|---|---|"]
     for config in stress_configs():
         row = log.get("stress", config)
@@ -328,6 +341,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--results", default="results/accuracy/results.jsonl", help="JSON lines, resumable")
     parser.add_argument("--shard", default="0/1", help="K/N: run every N-th measurement from the K-th")
     parser.add_argument("--write", help="markdown file whose generated sections are replaced")
+    parser.add_argument("--tables-only", action="store_true", help="measure nothing: tables from --results")
+    parser.add_argument("--kinds", type=lambda text: tuple(text.split(",")), default=KINDS,
+                        help=f"comma-separated measurements to run (default all: {','.join(KINDS)})")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy CPU)")
     return parser.parse_args(argv)
 
@@ -336,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     log, shard = ResultLog(Path(args.results)), Shard(args.shard)
-    run_all(args, log, shard)
+    if not args.tables_only:
+        run_all(args, log, shard)
     log = ResultLog(Path(args.results))  # what other shards finished meanwhile
     loaded_config = load_model(model_from_env(args.model), dtype="float32", device="cpu").config
     shape = {"num_layers": loaded_config.num_layers, "num_kv_heads": loaded_config.num_kv_heads,
@@ -344,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     tables = sections(args, log, Path(model_from_env(args.model)).name, shape)
     for title, body in tables.items():
         print(f"\n## {title}\n\n{body}")
-        if args.write and shard.count == 1:
+        if args.write and (shard.count == 1 or args.tables_only):
             write_section(args.write, title, body)
 
 

@@ -21,7 +21,7 @@ import torch
 
 from common.config import ModelConfig
 from common.kv.options import kv_flags
-from common.kv.config import KVConfig
+from common.kv.config import PAPER_SETTING, KVConfig
 from common.kv.factory import make_kv_backend
 from common.kv.float_backend import FloatKVBackend
 from common.kv.interface import ForwardBatch, KVBackend
@@ -69,9 +69,10 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def configurations(bits: list[int], partitions: list[int]) -> list[KVConfig]:
+    """fp16, then the paper's format (config.PAPER_SETTING: no window hiding the codes) at each bits x Π x key axis."""
     configs = [KVConfig(mode="fp16")]
     for mode, b, p, axis in itertools.product(("dequant", "hack"), bits, partitions, ("token", "channel")):
-        configs.append(KVConfig(mode=mode, bits=b, partition=p, key_axis=axis))
+        configs.append(KVConfig(mode=mode, bits=b, partition=p, key_axis=axis, **PAPER_SETTING))
     return configs
 
 

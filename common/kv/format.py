@@ -38,7 +38,7 @@ compressed index, including the tail's, so a tail flush never needs a new page. 
 tail is also quantized into its page slots at every step (a partial token group has its own s/m over the tokens
 present) and attention reads those codes instead of the tail.
 
-Rotation (config.rotate): what is stored for KV head h is k·M_h and v·M_h (rows), M_h = `rotation_matrices`'
+Rotation (config.rotate): what is stored for KV head h is k·M_h and v·M_h (rows), M_h = `rotation_matrices`
 [h], an orthogonal D x D matrix (a seeded randomized Hadamard one: diag(±1)·H/√D; a seeded random orthogonal
 one where D is not a power of two). Queries are rotated alike (q·M_h·(k·M_h)ᵀ = q·kᵀ) and each attention output
 rotated back (P·(V·M_h)·M_hᵀ = P·V), so every op above runs unchanged on rotated data; sinks and tail hold

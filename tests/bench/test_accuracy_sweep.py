@@ -52,7 +52,8 @@ def test_pareto_front() -> None:
 
 def fake_rows(log: ResultLog, config: KVConfig, tune: float, heldout: float) -> None:
     log.get_or_run("tune", config, lambda: {"perplexity": tune, "tokens": 10})
-    log.get_or_run("heldout", config, lambda: {"perplexity": heldout, "tokens": 10, "accuracy": 0.5})
+    log.get_or_run("heldout", config, lambda: {"perplexity": heldout, "tokens": 10, "accuracy": 0.5,
+                                               "exact_match": 0.25})
 
 
 def test_pareto_table_rows_compare_with_fp16(tmp_path) -> None:
@@ -61,7 +62,7 @@ def test_pareto_table_rows_compare_with_fp16(tmp_path) -> None:
     fake_rows(log, PAPER, 5.0, 12.0)
     fake_rows(log, ACCURATE, 4.1, 8.2)
     lines = pareto_table(log, SMOLLM2).splitlines()
-    assert len(lines) == 5 and lines[2].startswith("| `--kv-mode fp16` | 8.000 | +0.0% | 4.000 | +0.0% | 50.0% ")
+    assert len(lines) == 5 and lines[2].startswith("| `--kv-mode fp16` | 8.000 | +0.0% | 4.000 | +0.0% | 50.0% | 25.0% ")
     paper = next(line for line in lines if "--window 0" in line)
     assert "| 12.000 | +50.0% | 5.000 | +25.0% |" in paper and paper.endswith("| yes |")
     accurate = next(line for line in lines if line.startswith("| `--kv-mode hack` "))

@@ -271,7 +271,9 @@ def test_real_run_on_stories260k(stories260k: Path, tinystories_text: Path, tmp_
         assert all(row["breakdown_ms"][stage] >= 0 for stage in ("queueing", "prefill", "attention", "decode"))
         assert 0 < row["breakdown_ms"]["attention"] < row["mean_jct_ms"]  # CPU decode attention is always timed
     assert rows["fp16"]["identical_fraction"] is None
-    assert rows["hack"]["kv_bytes_per_request"] < 0.6 * rows["fp16"]["kv_bytes_per_request"]
+    # 101-token prompts sit inside the default 16-bit window (128 tokens + the open partition): no fewer bytes than
+    # fp16 is the bound there; long prompts are where 2 bits pay (docs/accuracy.md)
+    assert rows["hack"]["kv_bytes_per_request"] <= rows["fp16"]["kv_bytes_per_request"]
     assert 0 <= rows["hack"]["identical_fraction"] <= 1 and 0 <= rows["hack"]["mean_first_divergence"] <= 6
     assert document["settings"]["input_len"] == 101 and document["machine"]["cpu_count"] >= 1
     assert (tmp_path / "small.png").read_bytes()[:8] == PNG_MAGIC

@@ -6,7 +6,7 @@ import json
 import torch
 
 from common.eval.attention_error import attention_errors, main, synthetic_model, synthetic_qkv
-from common.kv.config import KVConfig
+from common.kv.config import PAPER_SETTING, KVConfig
 
 
 def test_synthetic_keys_have_outlier_channels() -> None:
@@ -23,7 +23,7 @@ def test_sink_token_draws_attention_and_sinks_protect_it() -> None:
     share = torch.softmax(q[100:] @ k[:, 0].T / 32**0.5, dim=-1)[..., 0]
     assert float(share.mean()) > 0.3 and float(v[0].abs().max()) < 0.5
     # the long sink key stretches every channel's range in its token group unless it stays 16-bit
-    configs = [KVConfig(mode="hack", partition=32, key_axis="channel", num_sinks=n) for n in (0, 4)]
+    configs = [KVConfig(mode="hack", partition=32, key_axis="channel", num_sinks=n, **PAPER_SETTING) for n in (0, 4)]
     no_sinks, sinks = attention_errors(configs, synthetic_model(2, 1, 32, 104), q, k, v, prompt=100)
     assert sinks["error"] < 0.7 * no_sinks["error"]
 
