@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10proto/hack.proto\x12\x07hack.v1\"\x99\x03\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x05 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12:\n\nlogit_bias\x18\x08 \x03(\x0b\x32&.hack.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\t \x01(\r\x12\x15\n\x08logprobs\x18\n \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0bjson_schema\x18\x0b \x01(\tH\x02\x88\x01\x01\x12\x17\n\x0fposition_offset\x18\x0c \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x0e\n\x0c_json_schema\"M\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\"\xcc\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_len\x18\x02 \x01(\r\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.hack.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12 \n\x07kv_mode\x18\x06 \x01(\x0e\x32\x0f.hack.v1.KVMode\x12\x18\n\x10prompt_token_ids\x18\x07 \x03(\x05\"l\n\x10GenerateResponse\x12%\n\x08\x61\x64mitted\x18\x01 \x01(\x0b\x32\x11.hack.v1.AdmittedH\x00\x12(\n\x05token\x18\x02 \x01(\x0b\x32\x17.hack.v1.GeneratedTokenH\x00\x42\x07\n\x05\x65vent\"&\n\x08\x41\x64mitted\x12\x1a\n\x12reserved_kv_blocks\x18\x01 \x01(\r\"\xc7\x01\n\x0eGeneratedToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12,\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x15.hack.v1.FinishReason\x12$\n\x06timing\x18\x03 \x01(\x0b\x32\x14.hack.v1.TokenTiming\x12%\n\x06timers\x18\x04 \x01(\x0b\x32\x15.hack.v1.DecodeTimers\x12(\n\x08logprobs\x18\x05 \x01(\x0b\x32\x16.hack.v1.TokenLogprobs\"1\n\x0bTokenTiming\x12\x0e\n\x06step_s\x18\x01 \x01(\x01\x12\x12\n\nbatch_size\x18\x02 \x01(\r\"\x9d\x01\n\x0c\x44\x65\x63odeTimers\x12\x11\n\tkv_wait_s\x18\x01 \x01(\x01\x12\x0f\n\x07queue_s\x18\x02 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x03 \x01(\x01\x12\x11\n\tnum_steps\x18\x04 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\r\x12\x17\n\x0fmean_batch_size\x18\x06 \x01(\x01\x12\x13\n\x0b\x61ttention_s\x18\x07 \x01(\x01\"\x81\x01\n\x07KVChunk\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x11.hack.v1.KVHeaderH\x00\x12!\n\x05\x62lock\x18\x02 \x01(\x0b\x32\x10.hack.v1.KVBlockH\x00\x12%\n\x07trailer\x18\x03 \x01(\x0b\x32\x12.hack.v1.KVTrailerH\x00\x42\x07\n\x05\x63hunk\"\xdf\x01\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12 \n\x07kv_mode\x18\x07 \x01(\x0e\x32\x0f.hack.v1.KVMode\x12\x16\n\x0e\x66ormat_version\x18\x08 \x01(\r\x12\x12\n\nblock_size\x18\n \x01(\r\x12\x12\n\nnum_blocks\x18\x0b \x01(\r\"W\n\x07KVBlock\x12\r\n\x05layer\x18\x01 \x01(\r\x12\r\n\x05index\x18\x02 \x01(\r\x12 \n\x04kind\x18\x03 \x01(\x0e\x32\x12.hack.v1.BlockKind\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"P\n\tKVTrailer\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12.\n\x0e\x66irst_logprobs\x18\x02 \x01(\x0b\x32\x16.hack.v1.TokenLogprobs\"A\n\x0ePushKVResponse\x12\x17\n\x0f\x62locks_received\x18\x01 \x01(\r\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\"\xe6\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.hack.v1.SamplingParams\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x04 \x01(\t\x12 \n\x07kv_mode\x18\x05 \x01(\x0e\x32\x0f.hack.v1.KVMode\x12\x1c\n\x0fprompt_logprobs\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x42\x12\n\x10_prompt_logprobs\"\x81\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12(\n\x07timings\x18\x02 \x01(\x0b\x32\x17.hack.v1.PrefillTimings\x12/\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x16.hack.v1.TokenLogprobs\"e\n\x0ePrefillTimings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x19\n\x11prefill_compute_s\x18\x02 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x03 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1f\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xa0\x02\n\rStatsResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12 \n\x07kv_mode\x18\x02 \x01(\x0e\x32\x0f.hack.v1.KVMode\x12\x15\n\rkv_block_size\x18\x03 \x01(\r\x12\x17\n\x0ftotal_kv_blocks\x18\x04 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x05 \x01(\r\x12\x16\n\x0eused_kv_blocks\x18\x06 \x01(\r\x12\x14\n\x0crunning_seqs\x18\x07 \x01(\r\x12\x14\n\x0cwaiting_seqs\x18\x08 \x01(\r\x12\x19\n\x11prefill_queue_len\x18\t \x01(\r\x12#\n\x08\x63ounters\x18\n \x01(\x0b\x32\x11.hack.v1.Counters\x12\x12\n\nkv_address\x18\x0b \x01(\t\"\xb2\x01\n\x08\x43ounters\x12\x16\n\x0erequests_total\x18\x01 \x01(\x04\x12\x17\n\x0frequests_failed\x18\x02 \x01(\x04\x12\x1a\n\x12requests_cancelled\x18\x03 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x04\x12\x18\n\x10generated_tokens\x18\x05 \x01(\x04\x12\x10\n\x08kv_bytes\x18\x06 \x01(\x04\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r*Z\n\x06KVMode\x12\x17\n\x13KV_MODE_UNSPECIFIED\x10\x00\x12\x10\n\x0cKV_MODE_FP16\x10\x01\x12\x13\n\x0fKV_MODE_DEQUANT\x10\x02\x12\x10\n\x0cKV_MODE_HACK\x10\x03*X\n\x0c\x46inishReason\x12\x16\n\x12\x46INISH_REASON_NONE\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*R\n\tBlockKind\x12\x1a\n\x16\x42LOCK_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x42LOCK_KIND_PAGE\x10\x01\x12\x14\n\x10\x42LOCK_KIND_STATE\x10\x02\x32\xc1\x01\n\x0ePrefillService\x12<\n\x07Prefill\x12\x17.hack.v1.PrefillRequest\x1a\x18.hack.v1.PrefillResponse\x12\x39\n\x06\x43\x61ncel\x12\x16.hack.v1.CancelRequest\x1a\x17.hack.v1.CancelResponse\x12\x36\n\x05Stats\x12\x15.hack.v1.StatsRequest\x1a\x16.hack.v1.StatsResponse2\xfc\x01\n\rDecodeService\x12\x41\n\x08Generate\x12\x18.hack.v1.GenerateRequest\x1a\x19.hack.v1.GenerateResponse0\x01\x12\x35\n\x06PushKV\x12\x10.hack.v1.KVChunk\x1a\x17.hack.v1.PushKVResponse(\x01\x12\x39\n\x06\x43\x61ncel\x12\x16.hack.v1.CancelRequest\x1a\x17.hack.v1.CancelResponse\x12\x36\n\x05Stats\x12\x15.hack.v1.StatsRequest\x1a\x16.hack.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10proto/hack.proto\x12\x07hack.v1\"\x99\x03\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x05 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12:\n\nlogit_bias\x18\x08 \x03(\x0b\x32&.hack.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\t \x01(\r\x12\x15\n\x08logprobs\x18\n \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0bjson_schema\x18\x0b \x01(\tH\x02\x88\x01\x01\x12\x17\n\x0fposition_offset\x18\x0c \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x0e\n\x0c_json_schema\"M\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\"\xcc\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_len\x18\x02 \x01(\r\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.hack.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12 \n\x07kv_mode\x18\x06 \x01(\x0e\x32\x0f.hack.v1.KVMode\x12\x18\n\x10prompt_token_ids\x18\x07 \x03(\x05\"l\n\x10GenerateResponse\x12%\n\x08\x61\x64mitted\x18\x01 \x01(\x0b\x32\x11.hack.v1.AdmittedH\x00\x12(\n\x05token\x18\x02 \x01(\x0b\x32\x17.hack.v1.GeneratedTokenH\x00\x42\x07\n\x05\x65vent\"&\n\x08\x41\x64mitted\x12\x1a\n\x12reserved_kv_blocks\x18\x01 \x01(\r\"\xc7\x01\n\x0eGeneratedToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12,\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x15.hack.v1.FinishReason\x12$\n\x06timing\x18\x03 \x01(\x0b\x32\x14.hack.v1.TokenTiming\x12%\n\x06timers\x18\x04 \x01(\x0b\x32\x15.hack.v1.DecodeTimers\x12(\n\x08logprobs\x18\x05 \x01(\x0b\x32\x16.hack.v1.TokenLogprobs\"1\n\x0bTokenTiming\x12\x0e\n\x06step_s\x18\x01 \x01(\x01\x12\x12\n\nbatch_size\x18\x02 \x01(\r\"\x9d\x01\n\x0c\x44\x65\x63odeTimers\x12\x11\n\tkv_wait_s\x18\x01 \x01(\x01\x12\x0f\n\x07queue_s\x18\x02 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x03 \x01(\x01\x12\x11\n\tnum_steps\x18\x04 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\r\x12\x17\n\x0fmean_batch_size\x18\x06 \x01(\x01\x12\x13\n\x0b\x61ttention_s\x18\x07 \x01(\x01\"\x81\x01\n\x07KVChunk\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x11.hack.v1.KVHeaderH\x00\x12!\n\x05\x62lock\x18\x02 \x01(\x0b\x32\x10.hack.v1.KVBlockH\x00\x12%\n\x07trailer\x18\x03 \x01(\x0b\x32\x12.hack.v1.KVTrailerH\x00\x42\x07\n\x05\x63hunk\"\xf2\x01\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12 \n\x07kv_mode\x18\x07 \x01(\x0e\x32\x0f.hack.v1.KVMode\x12\x16\n\x0e\x66ormat_version\x18\x08 \x01(\r\x12\x12\n\nblock_size\x18\n \x01(\r\x12\x12\n\nnum_blocks\x18\x0b \x01(\r\x12\x11\n\tkv_format\x18\x0c \x01(\t\"W\n\x07KVBlock\x12\r\n\x05layer\x18\x01 \x01(\r\x12\r\n\x05index\x18\x02 \x01(\r\x12 \n\x04kind\x18\x03 \x01(\x0e\x32\x12.hack.v1.BlockKind\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"P\n\tKVTrailer\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12.\n\x0e\x66irst_logprobs\x18\x02 \x01(\x0b\x32\x16.hack.v1.TokenLogprobs\"A\n\x0ePushKVResponse\x12\x17\n\x0f\x62locks_received\x18\x01 \x01(\r\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\"\xe6\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.hack.v1.SamplingParams\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x04 \x01(\t\x12 \n\x07kv_mode\x18\x05 \x01(\x0e\x32\x0f.hack.v1.KVMode\x12\x1c\n\x0fprompt_logprobs\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x42\x12\n\x10_prompt_logprobs\"\x81\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12(\n\x07timings\x18\x02 \x01(\x0b\x32\x17.hack.v1.PrefillTimings\x12/\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x16.hack.v1.TokenLogprobs\"e\n\x0ePrefillTimings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x19\n\x11prefill_compute_s\x18\x02 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x03 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1f\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xa0\x02\n\rStatsResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12 \n\x07kv_mode\x18\x02 \x01(\x0e\x32\x0f.hack.v1.KVMode\x12\x15\n\rkv_block_size\x18\x03 \x01(\r\x12\x17\n\x0ftotal_kv_blocks\x18\x04 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x05 \x01(\r\x12\x16\n\x0eused_kv_blocks\x18\x06 \x01(\r\x12\x14\n\x0crunning_seqs\x18\x07 \x01(\r\x12\x14\n\x0cwaiting_seqs\x18\x08 \x01(\r\x12\x19\n\x11prefill_queue_len\x18\t \x01(\r\x12#\n\x08\x63ounters\x18\n \x01(\x0b\x32\x11.hack.v1.Counters\x12\x12\n\nkv_address\x18\x0b \x01(\t\"\xb2\x01\n\x08\x43ounters\x12\x16\n\x0erequests_total\x18\x01 \x01(\x04\x12\x17\n\x0frequests_failed\x18\x02 \x01(\x04\x12\x1a\n\x12requests_cancelled\x18\x03 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x04\x12\x18\n\x10generated_tokens\x18\x05 \x01(\x04\x12\x10\n\x08kv_bytes\x18\x06 \x01(\x04\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r*Z\n\x06KVMode\x12\x17\n\x13KV_MODE_UNSPECIFIED\x10\x00\x12\x10\n\x0cKV_MODE_FP16\x10\x01\x12\x13\n\x0fKV_MODE_DEQUANT\x10\x02\x12\x10\n\x0cKV_MODE_HACK\x10\x03*X\n\x0c\x46inishReason\x12\x16\n\x12\x46INISH_REASON_NONE\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*R\n\tBlockKind\x12\x1a\n\x16\x42LOCK_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x42LOCK_KIND_PAGE\x10\x01\x12\x14\n\x10\x42LOCK_KIND_STATE\x10\x02\x32\xc1\x01\n\x0ePrefillService\x12<\n\x07Prefill\x12\x17.hack.v1.PrefillRequest\x1a\x18.hack.v1.PrefillResponse\x12\x39\n\x06\x43\x61ncel\x12\x16.hack.v1.CancelRequest\x1a\x17.hack.v1.CancelResponse\x12\x36\n\x05Stats\x12\x15.hack.v1.StatsRequest\x1a\x16.hack.v1.StatsResponse2\xfc\x01\n\rDecodeService\x12\x41\n\x08Generate\x12\x18.hack.v1.GenerateRequest\x1a\x19.hack.v1.GenerateResponse0\x01\x12\x35\n\x06PushKV\x12\x10.hack.v1.KVChunk\x1a\x17.hack.v1.PushKVResponse(\x01\x12\x39\n\x06\x43\x61ncel\x12\x16.hack.v1.CancelRequest\x1a\x17.hack.v1.CancelResponse\x12\x36\n\x05Stats\x12\x15.hack.v1.StatsRequest\x1a\x16.hack.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_KVMODE']._serialized_start=2912
-  _globals['_KVMODE']._serialized_end=3002
-  _globals['_FINISHREASON']._serialized_start=3004
-  _globals['_FINISHREASON']._serialized_end=3092
-  _globals['_BLOCKKIND']._serialized_start=3094
-  _globals['_BLOCKKIND']._serialized_end=3176
+  _globals['_KVMODE']._serialized_start=2931
+  _globals['_KVMODE']._serialized_end=3021
+  _globals['_FINISHREASON']._serialized_start=3023
+  _globals['_FINISHREASON']._serialized_end=3111
+  _globals['_BLOCKKIND']._serialized_start=3113
+  _globals['_BLOCKKIND']._serialized_end=3195
   _globals['_SAMPLINGPARAMS']._serialized_start=30
   _globals['_SAMPLINGPARAMS']._serialized_end=439
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=353
@@ -60,31 +60,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVCHUNK']._serialized_start=1291
   _globals['_KVCHUNK']._serialized_end=1420
   _globals['_KVHEADER']._serialized_start=1423
-  _globals['_KVHEADER']._serialized_end=1646
-  _globals['_KVBLOCK']._serialized_start=1648
-  _globals['_KVBLOCK']._serialized_end=1735
-  _globals['_KVTRAILER']._serialized_start=1737
-  _globals['_KVTRAILER']._serialized_end=1817
-  _globals['_PUSHKVRESPONSE']._serialized_start=1819
-  _globals['_PUSHKVRESPONSE']._serialized_end=1884
-  _globals['_PREFILLREQUEST']._serialized_start=1887
-  _globals['_PREFILLREQUEST']._serialized_end=2117
-  _globals['_PREFILLRESPONSE']._serialized_start=2120
-  _globals['_PREFILLRESPONSE']._serialized_end=2249
-  _globals['_PREFILLTIMINGS']._serialized_start=2251
-  _globals['_PREFILLTIMINGS']._serialized_end=2352
-  _globals['_CANCELREQUEST']._serialized_start=2354
-  _globals['_CANCELREQUEST']._serialized_end=2389
-  _globals['_CANCELRESPONSE']._serialized_start=2391
-  _globals['_CANCELRESPONSE']._serialized_end=2422
-  _globals['_STATSREQUEST']._serialized_start=2424
-  _globals['_STATSREQUEST']._serialized_end=2438
-  _globals['_STATSRESPONSE']._serialized_start=2441
-  _globals['_STATSRESPONSE']._serialized_end=2729
-  _globals['_COUNTERS']._serialized_start=2732
-  _globals['_COUNTERS']._serialized_end=2910
-  _globals['_PREFILLSERVICE']._serialized_start=3179
-  _globals['_PREFILLSERVICE']._serialized_end=3372
-  _globals['_DECODESERVICE']._serialized_start=3375
-  _globals['_DECODESERVICE']._serialized_end=3627
+  _globals['_KVHEADER']._serialized_end=1665
+  _globals['_KVBLOCK']._serialized_start=1667
+  _globals['_KVBLOCK']._serialized_end=1754
+  _globals['_KVTRAILER']._serialized_start=1756
+  _globals['_KVTRAILER']._serialized_end=1836
+  _globals['_PUSHKVRESPONSE']._serialized_start=1838
+  _globals['_PUSHKVRESPONSE']._serialized_end=1903
+  _globals['_PREFILLREQUEST']._serialized_start=1906
+  _globals['_PREFILLREQUEST']._serialized_end=2136
+  _globals['_PREFILLRESPONSE']._serialized_start=2139
+  _globals['_PREFILLRESPONSE']._serialized_end=2268
+  _globals['_PREFILLTIMINGS']._serialized_start=2270
+  _globals['_PREFILLTIMINGS']._serialized_end=2371
+  _globals['_CANCELREQUEST']._serialized_start=2373
+  _globals['_CANCELREQUEST']._serialized_end=2408
+  _globals['_CANCELRESPONSE']._serialized_start=2410
+  _globals['_CANCELRESPONSE']._serialized_end=2441
+  _globals['_STATSREQUEST']._serialized_start=2443
+  _globals['_STATSREQUEST']._serialized_end=2457
+  _globals['_STATSRESPONSE']._serialized_start=2460
+  _globals['_STATSRESPONSE']._serialized_end=2748
+  _globals['_COUNTERS']._serialized_start=2751
+  _globals['_COUNTERS']._serialized_end=2929
+  _globals['_PREFILLSERVICE']._serialized_start=3198
+  _globals['_PREFILLSERVICE']._serialized_end=3391
+  _globals['_DECODESERVICE']._serialized_start=3394
+  _globals['_DECODESERVICE']._serialized_end=3646
 # @@protoc_insertion_point(module_scope)

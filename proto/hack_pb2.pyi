@@ -164,7 +164,7 @@ class KVChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[KVHeader, _Mapping]] = ..., block: _Optional[_Union[KVBlock, _Mapping]] = ..., trailer: _Optional[_Union[KVTrailer, _Mapping]] = ...) -> None: ...
 
 class KVHeader(_message.Message):
-    __slots__ = ("request_id", "num_tokens", "model", "num_layers", "num_kv_heads", "head_dim", "kv_mode", "format_version", "block_size", "num_blocks")
+    __slots__ = ("request_id", "num_tokens", "model", "num_layers", "num_kv_heads", "head_dim", "kv_mode", "format_version", "block_size", "num_blocks", "kv_format")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +175,7 @@ class KVHeader(_message.Message):
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    KV_FORMAT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     num_tokens: int
     model: str
@@ -185,7 +186,8 @@ class KVHeader(_message.Message):
     format_version: int
     block_size: int
     num_blocks: int
-    def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., model: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_mode: _Optional[_Union[KVMode, str]] = ..., format_version: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ...) -> None: ...
+    kv_format: str
+    def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., model: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., kv_mode: _Optional[_Union[KVMode, str]] = ..., format_version: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., kv_format: _Optional[str] = ...) -> None: ...
 
 class KVBlock(_message.Message):
     __slots__ = ("layer", "index", "kind", "data")

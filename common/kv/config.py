@@ -77,6 +77,17 @@ class KVConfig:
             raise ValueError(f"window must be >= 0, got {self.window}")
 
     @property
+    def wire_identity(self) -> str:
+        """The options a prefill and a decode instance must share for pushed KV to mean the same thing there
+        (how tokens split into sinks, pages and the 16-bit tail; the code layout; the rotation). Options that
+        only change how new tokens are quantized (ranges, rounding) or what is cached locally are left out."""
+        if not self.compressed:
+            return "fp16"
+        rotation = f"rotate(seed={self.seed})" if self.rotate else "no-rotate"
+        return (f"bits={self.bits} partition={self.partition} key_axis={self.key_axis} sinks={self.num_sinks} "
+                f"window={self.window} requant_elimination={self.requant_elimination} {rotation}")
+
+    @property
     def compressed(self) -> bool:
         """True for the modes that store 2/4/8-bit codes (dequant, hack)."""
         return self.mode != "fp16"

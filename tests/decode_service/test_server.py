@@ -219,6 +219,23 @@ def test_another_format_version_is_refused_in_the_header_and_in_a_block(model_di
     assert stats.used_kv_blocks == 0
 
 
+def test_kv_of_other_cache_options_is_refused(model_dir) -> None:
+    """A prefill with another rotation seed, window or bit width would decode to wrong attention: refused."""
+    async def scenario():
+        async with run_services(model_dir) as services:
+            prompt = random_prompt(33)
+            chunks, first = encoded_kv(services, prompt)
+            other = KVConfig(seed=7).wire_identity  # another rotation
+            errors = await refused_push(services, push_messages(services, "a", prompt, chunks, first,
+                                                                kv_format=other))
+            return errors, await wait_for_free_pool(services)
+
+    (push_error, stream_error), stats = asyncio.run(scenario())
+    for error in (push_error, stream_error):
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "kv_format" in error.details()
+    assert stats.used_kv_blocks == 0
+
+
 def test_kv_that_stops_arriving_times_out_and_frees_its_blocks(model_dir) -> None:
     async def scenario():
         async with run_services(model_dir, decode_flags=["--kv-timeout-s", "0.3"]) as services:
