@@ -15,15 +15,17 @@ from common.kv import cpu_ops, ops, reference, torch_fast
 from common.kv.config import KVConfig
 from common.kv.format import pack_codes
 from tests.common.kv.test_torch_fast import compressed_args, new_token_counts
-from tests.common.kv.triton_support import HOMOMORPHIC, Tolerance, assert_attention_close
+from tests.common.kv.triton_support import Tolerance, assert_attention_close
 
 # float32 rounding of the same sums taken over channels in the codes' order (torch_fast's FP32 bound, with room
 # for the permuted reduction order at head_dim 128)
 FP32 = Tolerance(max=1e-5, p99=2e-6, mean=3e-7)
-# HOMOMORPHIC's percentile and mean bounds; the worst case allows one P code on a rounding boundary to take the
-# neighbouring code (scores computed in fp32 here, float64 corrections in the reference): max(P)/255 x |v| with
-# |v| up to ~4 for these random values
-HACK = Tolerance(max=2e-2, p99=HOMOMORPHIC.p99, mean=HOMOMORPHIC.mean)
+# One P code on a rounding boundary may take the neighbouring code, moving its row's output by up to
+# max(P)/255 x |v| (|v| up to ~4 here). The scores here are fp32 throughout (the reference adds its corrections
+# in float64), so such flips are a few per test rather than rare: over 40 random batches of the first case the
+# worst errors were max 7.6e-3, p99 4.5e-4, mean 1.3e-5. A wrong correction term, page or mask is off by ~1e-3
+# on average (the homomorphic values differ from the dequantized ones by ~2e-3), far above these bounds.
+HACK = Tolerance(max=2e-2, p99=1e-3, mean=5e-5)
 
 CASES = [
     # config, KV heads, query heads per KV head, head_dim, sequence lengths
