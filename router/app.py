@@ -6,6 +6,7 @@ the app's lifespan connects to the instances, runs a first health poll and keeps
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as distribution_version
@@ -155,7 +156,9 @@ def _serving(request: Request) -> OpenAIServing:
 
 
 def _ignored_headers(ignored_fields: list[str]) -> dict[str, str]:
-    return {IGNORED_FIELDS_HEADER: ", ".join(ignored_fields)} if ignored_fields else {}
+    """Header values must be latin-1: a field name beyond ASCII is sent JSON-escaped ("\\u0100")."""
+    names = (json.dumps(name)[1:-1] for name in ignored_fields)
+    return {IGNORED_FIELDS_HEADER: ", ".join(names)} if ignored_fields else {}
 
 
 def _json(result: BaseModel, ignored_fields: list[str]) -> JSONResponse:

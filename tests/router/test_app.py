@@ -195,8 +195,11 @@ async def test_unknown_fields_are_ignored_and_named_and_chat_max_tokens_0_is_ref
     async with cluster(byte_model, [FakePrefill(first)], [FakeDecode(rest)]) as c:
         accepted = await c.client.post("/v1/completions", json={
             "model": "byte-model", "prompt": "hi", "max_tokens": 5, "a_future_field": 1, "another": [1]})
+        not_latin1 = await c.client.post("/v1/completions", json={  # a header value must be latin-1 (fuzzing found it)
+            "model": "byte-model", "prompt": "hi", "max_tokens": 5, "\u0100": None})
         refused = await c.client.post("/v1/chat/completions", json={
             "model": "byte-model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0})
     assert accepted.status_code == 200 and accepted.json()["choices"][0]["text"] == "ok"
     assert accepted.headers["x-ignored-fields"] == "a_future_field, another"
+    assert not_latin1.status_code == 200 and not_latin1.headers["x-ignored-fields"] == "\\u0100"
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
