@@ -171,7 +171,7 @@ def read_pages(cache: Cache, pages: torch.Tensor, n_paged: torch.Tensor, config:
         k_tokens = k_codes.permute(1, 2, 0, 4, 3, 5).reshape(batch, heads, groups, pi, head_dim)
         out["k"] = _scale_groups(k_tokens, params["k_scale"], params["k_min"])
         return out
-    k = out["k"] = k_codes.view(groups, batch * heads, parts, pi, pd).float()
+    k = out["k"] = k_codes.reshape(groups, batch * heads, parts, pi, pd).float()  # copies if not adjacent
     out["k_scale"], out["k_min"] = (params[name].transpose(0, 1).contiguous() for name in ("k_scale", "k_min"))
     if config.sum_elimination:
         sums = cache["k_sums"][pages].float()  # [B, np, Hkv, bs, P]
