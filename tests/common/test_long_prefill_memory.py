@@ -1,6 +1,6 @@
 """A 32k-token fp16 prefill on CPU with a tiny model stays under a stated memory bound: no n x n score tensor.
 
-The prefill runs in a subprocess whose peak RSS (getrusage ru_maxrss, which sees torch's allocations) is compared
+The prefill runs in a subprocess whose peak RSS (/proc/self/status VmHWM, which sees torch's allocations) is compared
 with its RSS just before the forward. A full [Hq, n, n] fp32 score tensor would be 2 x 32768^2 x 4 B = 8 GiB; the
 bound is 512 MiB of growth (the model's activations and the blockwise attention's blocks take a few tens of MiB).
 """
@@ -36,7 +36,9 @@ SCRIPT = textwrap.dedent("""
     rss_kib = lambda: int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() // 1024
     before = rss_kib()
     logits = loaded.model(ids, batch, backend)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # VmHWM: this process image's peak RSS (ru_maxrss would carry the forking pytest's peak across exec)
+    peak = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith("VmHWM:"))
     print(json.dumps({"before_kib": before, "peak_kib": peak, "finite": bool(torch.isfinite(logits).all())}))
 """)
 
