@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from common.kv import torch_fast
+from common.kv import native, torch_fast
 from common.kv.config import KVConfig
 from common.kv.format import Cache
 
@@ -122,8 +122,11 @@ def read_keys(cache: Cache, seq_lens: torch.Tensor, block_tables: torch.Tensor, 
     sink_k, sink_v, _ = torch_fast.read_state(cache, "sink", state_slots, n_sinks)
     tail_k, tail_v, _ = torch_fast.read_state(cache, "tail", state_slots, n_tail)
     filled = -(-int(n_paged.max()) // config.block_size)
-    pages = read_pages(cache, torch_fast.page_ids(block_tables[:, :filled], n_paged, config.block_size), n_paged,
-                       config, layout)
+    if layout == "native":  # the C products read the pages in place
+        pages = {"tables": block_tables.to(torch.int32).contiguous()}
+    else:
+        pages = read_pages(cache, torch_fast.page_ids(block_tables[:, :filled], n_paged, config.block_size),
+                           n_paged, config, layout)
     groups = filled * config.block_size // config.partition
     return Keys(sink_k, sink_v, tail_k, tail_v, pages, n_sinks, n_paged, n_tail, groups, config.partition)
 
@@ -304,6 +307,11 @@ def hack_attention(q: torch.Tensor, cu_q: torch.Tensor, seq_lens: torch.Tensor, 
     if not fast_path(config, q.shape[-1]):
         return torch_fast.hack_attention(q, cu_q, seq_lens, block_tables, state_slots, cache, config,
                                          softmax_scale)
+    if native_ok(config, q.shape[-1]):
+        if q.shape[0] == seq_lens.shape[0]:
+            return _native_hack_decode(q, seq_lens, block_tables, state_slots, cache, config, softmax_scale)
+        return _attention(_native_attend(cache, config, softmax_scale), "native", q, cu_q, seq_lens, block_tables,
+                          state_slots, cache, config)
 
     def attend(qh: torch.Tensor, row_pos: torch.Tensor, keys: Keys, groups: int) -> torch.Tensor:
         return attend_rows(qh, row_pos, keys, groups, softmax_scale,
@@ -335,6 +343,63 @@ def dequant_attention(q: torch.Tensor, cu_q: torch.Tensor, seq_lens: torch.Tenso
 def fast_path(config: KVConfig, head_dim: int) -> bool:
     """Whether these ops serve the configuration (else torch_fast.py does): the channel key axis."""
     return config.key_axis == "channel" and config.block_size % config.partition == 0 and head_dim > 0
+
+
+def native_ok(config: KVConfig, head_dim: int) -> bool:
+    """Whether hack attention runs the compiled paged products (native.py): built here, and codes whole bytes
+    per head_dim partition."""
+    per_byte = 8 // config.bits
+    return config.head_partition(head_dim) % per_byte == 0 and native.library() is not None
+
+
+def _native_hack_decode(q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                        state_slots: torch.Tensor, cache: Cache, config: KVConfig,
+                        softmax_scale: float) -> torch.Tensor:
+    """hack_attention for one query per sequence with the paged products in C (native.py): the packed pages
+    are read in place; the sinks and tail (16-bit, a few rows) and the softmax stay in torch."""
+    keep_freed_memory()
+    heads, batch, head_dim = cache["tail_k"].shape[1], q.shape[0], q.shape[-1]
+    n_sinks, n_paged, n_tail = torch_fast.stored_counts(seq_lens, config)
+    sink_k, sink_v, _ = torch_fast.read_state(cache, "sink", state_slots, n_sinks)
+    tail_k, tail_v, _ = torch_fast.read_state(cache, "tail", state_slots, n_tail)
+    qh = _group_heads(q.unsqueeze(1), heads) * softmax_scale  # [B*Hkv, G, D] (a view of q: no in-place op)
+    rows = qh.shape[1]
+    sinks, paged, tail = sink_k.shape[1], int(n_paged.max()), tail_k.shape[1]
+    geometry = _geometry(cache, block_tables, config, rows, head_dim)
+    tables, n_paged = block_tables.to(torch.int32).contiguous(), n_paged.contiguous()
+    scores = qh.new_empty((qh.shape[0], rows, sinks + paged + tail))
+    torch.bmm(qh, sink_k.mT, out=scores[:, :, :sinks])
+    native.hack_paged_scores(geometry, cache, tables, n_paged, qh, scores[:, :, sinks : sinks + paged])
+    torch.bmm(qh, tail_k.mT, out=scores[:, :, sinks + paged :])
+    valid = torch.cat([torch.arange(n)[None] < count[:, None]
+                       for n, count in ((sinks, n_sinks), (paged, n_paged), (tail, n_tail))], dim=1)  # [B, L]
+    scores.view(batch, heads, rows, -1).masked_fill_(~valid[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = native.hack_paged_pv(geometry, cache, tables, n_paged, probs[:, :, sinks : sinks + paged])
+    out.baddbmm_(probs[:, :, :sinks], sink_v).baddbmm_(probs[:, :, sinks + paged :], tail_v)
+    return _ungroup_heads(out, batch, 1)[:, 0].to(q.dtype)
+
+
+def _geometry(cache: Cache, block_tables: torch.Tensor, config: KVConfig, rows: int,
+              head_dim: int) -> native.Geometry:
+    return native.Geometry(cache["tail_k"].shape[1], head_dim, config.bits, config.partition,
+                           config.head_partition(head_dim), config.block_size, rows, block_tables.shape[1])
+
+
+def _native_attend(cache: Cache, config: KVConfig, softmax_scale: float) -> "Attend":
+    """attend() for prefill query blocks with the paged products in C, reading the pages in place (the keys
+    of layout "native" carry the sequence's block table instead of unpacked pages)."""
+
+    def attend(qh: torch.Tensor, row_pos: torch.Tensor, keys: Keys, groups: int) -> torch.Tensor:
+        table = keys.pages["tables"]
+        visible = keys.n_paged.clamp(max=groups * keys.partition).contiguous()
+        geometry = _geometry(cache, table, config, qh.shape[1], qh.shape[-1])
+        return attend_rows(qh, row_pos, keys, groups, softmax_scale,
+                           lambda rows, _, out: native.hack_paged_scores(geometry, cache, table, visible,
+                                                                         rows.contiguous(), out),
+                           lambda p, _: native.hack_paged_pv(geometry, cache, table, visible, p))
+
+    return attend
 
 
 Attend = Callable[[torch.Tensor, torch.Tensor, Keys, int], torch.Tensor]
