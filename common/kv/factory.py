@@ -5,6 +5,7 @@ from typing import Protocol
 
 import torch
 
+from common.kv import native
 from common.kv.backends import CompressedKVBackend, Fp16KVBackend, PagedKVBackend
 from common.kv.config import KVConfig
 from common.kv.format import KVLayout
@@ -49,5 +50,7 @@ def make_kv_backend(
     else:
         num_blocks = KVPool.blocks_for_budget(layout, model_config.num_layers, memory_bytes, max_seqs)
     pool = KVPool(layout, model_config.num_layers, num_blocks, max_seqs, device)
+    if kv_config.mode == "hack" and torch.device(device).type == "cpu":
+        native.library()  # build the C kernels now (about a second, once per machine), not in the first request
     backend_class = Fp16KVBackend if kv_config.mode == "fp16" else CompressedKVBackend
     return backend_class(pool, dtype, softmax_scale)
