@@ -35,7 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="layerwise: stream each layer's KV while the next one computes; after-forward: push "
                              "the whole KV once the forward is done, as servers without layer-wise transfer do "
                              "(the overlap's ablation; its time past the forward is the link's) (env HACK_KV_PUSH)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.kv_push not in KV_PUSH_MODES:  # argparse checks the choices of a given flag, not of its default
+        parser.error(f"environment variable HACK_KV_PUSH={args.kv_push!r} is invalid: choose from "
+                     f"{', '.join(KV_PUSH_MODES)}")
+    return args
 
 
 def build_servicer(args: argparse.Namespace) -> PrefillServicer:
