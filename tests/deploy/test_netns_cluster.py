@@ -4,7 +4,7 @@ Also the namespace plumbing itself (common/netns.py): addresses, shaping, cleanu
 
 The rate check times the push past the forward of a prefill instance that pushes its whole KV once the forward
 is done (--kv-push after-forward, the script's default), at nice -10: the link's time, whatever the forward
-took and however loaded the machine (ratio 1.07-1.08 at load 7-12 on 2 cores, docs/deploy.md)."""
+took and however loaded the machine (ratio 1.07-1.08 at load 7-19 on 2 cores, docs/deploy.md)."""
 from __future__ import annotations
 
 import json
