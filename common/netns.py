@@ -175,11 +175,15 @@ def _free_subnet() -> ipaddress.IPv4Network:
 class NetnsCluster(Cluster):
     """`Cluster`, with one prefill and one decode instance and the router each in its own namespace."""
 
-    def __init__(self, config: ClusterConfig, shape: LinkShape, prefix: str | None = None) -> None:
+    def __init__(self, config: ClusterConfig, shape: LinkShape, prefix: str | None = None, nice: int = 0) -> None:
+        """`nice`: the instances' scheduling priority (-20..19; below 0 needs root, as namespaces do), so that a
+        measurement of the link is not one of the neighbours' CPU load."""
         if config.num_prefill != 1 or config.num_decode != 1:
             raise ValueError("a namespace cluster has one prefill and one decode instance")
+        if not -20 <= nice <= 19:
+            raise ValueError(f"nice must be in -20..19, got {nice}")
         super().__init__(config)
-        self.shape = shape
+        self.shape, self.nice = shape, nice
         self.net = Netns(prefix or f"hk{os.getpid() % 100000}")
 
     def start(self) -> None:
@@ -208,7 +212,8 @@ class NetnsCluster(Cluster):
 
     def _spawn_in(self, role: str, module: str, port: int, link: str, args: list[str]) -> Process:
         """Start `module` in the role's namespace; its address is the one it has on `link` (its peer's side)."""
-        command = [*self.net.exec_prefix(role), sys.executable, "-m", module, "--port", str(port), *args]
+        command = [*self.net.exec_prefix(role), "nice", "-n", str(self.nice), sys.executable, "-m", module,
+                   "--port", str(port), *args]
         process = Process(role if role == "router" else f"{role}-0", f"{self.net.address(link, role)}:{port}",
                           subprocess.Popen(command, env=child_environment(2)))
         self.processes.append(process)

@@ -6,7 +6,8 @@
     result = first token + timings, once the decode instance acknowledged the KV
 
 The loop starts the next batch as soon as the forward returns; the previous batch's pushes (paced by the link
-token bucket, if any) finish meanwhile, so compute and transfer overlap across batches as well as across layers.
+token bucket, if any) finish meanwhile, so compute and transfer overlap across batches as well as across layers
+(across batches only with kv_push="after-forward", which holds each request's KV until its forward is done).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import grpc
 from common.grpc_security import TransportSecurity
 from common.sampling import SamplingParams, TokenLogprobs
 from common.service import Counters, ServiceError, chunks_per_layer
-from prefill_service.kv_sender import DecodeStubs, KVSender, SendResult
+from prefill_service.kv_sender import KV_PUSH_MODES, DecodeStubs, KVSender, SendResult
 from prefill_service.token_bucket import TokenBucket
 from prefill_service.worker import PrefillOutput, PrefillWorker
 from proto import hack_pb2
@@ -58,9 +59,12 @@ class PrefillJob:
 class PrefillEngine:
     def __init__(self, worker: PrefillWorker, identity: dict[str, str | int], token_budget: int,
                  max_batch_seqs: int, link: TokenBucket | None = None,
-                 security: TransportSecurity | None = None) -> None:
+                 security: TransportSecurity | None = None, kv_push: str = "layerwise") -> None:
         if token_budget < 1 or max_batch_seqs < 1:
             raise ValueError(f"token_budget and max_batch_seqs must be >= 1, got {token_budget}, {max_batch_seqs}")
+        if kv_push not in KV_PUSH_MODES:
+            raise ValueError(f"kv_push must be one of {', '.join(KV_PUSH_MODES)}, got {kv_push!r}")
+        self.kv_push = kv_push
         self.worker, self.identity, self.link = worker, identity, link
         self.token_budget, self.max_batch_seqs = token_budget, max_batch_seqs
         self.counters = Counters()
@@ -144,7 +148,8 @@ class PrefillEngine:
         started = time.monotonic()
         by_seq = {job.seq_id: job for job in batch}
         for job in batch:
-            job.sender = KVSender(self.stubs.get(job.decode_address), job.decode_address, self._header(job), self.link)
+            job.sender = KVSender(self.stubs.get(job.decode_address), job.decode_address, self._header(job), self.link,
+                                  after_forward=self.kv_push == "after-forward")
             self._spawn(self._push(job, started))
         loop = asyncio.get_running_loop()
 

@@ -4,6 +4,10 @@ The model thread feeds a queue with each layer's wire chunks as soon as the laye
 the event loop); the PushKV request stream sends the header at once, every chunk as it arrives, paced by the
 optional link token bucket, and the trailer with the first token once the forward is done (`finish`). `abort`
 cancels the call, so the decode instance keeps the request waiting for another attempt.
+
+With `after_forward` the chunks wait until the forward is done and then leave back to back (KV_PUSH_MODES):
+the transfer that other disaggregated servers do (the KV moves once prefill finished), the ablation of the
+layer-wise overlap, and a push whose time past the forward is the link's alone (scripts/netns-cluster.sh).
 """
 from __future__ import annotations
 
@@ -26,6 +30,9 @@ class DecodeRefused(ServiceError):
     (trailing metadata) so that the router blames the decode instance."""
 
 
+KV_PUSH_MODES = ("layerwise", "after-forward")
+
+
 @dataclass(frozen=True)
 class SendResult:
     kv_bytes: int  # KVBlock.data bytes sent
@@ -46,9 +53,12 @@ class _Trailer:
 
 class KVSender:
     def __init__(self, stub: hack_pb2_grpc.DecodeServiceStub, address: str, header: hack_pb2.KVHeader,
-                 link: TokenBucket | None = None) -> None:
+                 link: TokenBucket | None = None, after_forward: bool = False) -> None:
         self.stub, self.address, self.header, self.link = stub, address, header, link
         self._queue: asyncio.Queue[_Layer | _Trailer] = asyncio.Queue()
+        self._forward_done = asyncio.Event()
+        if not after_forward:
+            self._forward_done.set()
         self._call: grpc.aio.StreamUnaryCall | None = None
         self._aborted = False
         self.kv_bytes = 0
@@ -58,6 +68,7 @@ class KVSender:
 
     def finish(self, first_token: int, first_logprobs: TokenLogprobs | None = None) -> None:
         self._queue.put_nowait(_Trailer(first_token, first_logprobs))
+        self._forward_done.set()
 
     def abort(self) -> None:
         self._aborted = True
@@ -81,6 +92,7 @@ class KVSender:
 
     async def _messages(self) -> AsyncIterator[hack_pb2.KVChunk]:
         yield hack_pb2.KVChunk(header=self.header)
+        await self._forward_done.wait()  # at once, unless the chunks wait for the whole forward
         while True:
             item = await self._queue.get()
             if isinstance(item, _Trailer):

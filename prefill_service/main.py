@@ -10,6 +10,7 @@ from common.kv.factory import make_kv_backend
 from common.kv.options import kv_config_from_args
 from common.service import add_model_args, env, kv_identity, load_service_model, run_service
 from prefill_service.engine import PrefillEngine
+from prefill_service.kv_sender import KV_PUSH_MODES
 from prefill_service.server import PrefillServicer, add_to_server
 from prefill_service.token_bucket import TokenBucket
 from prefill_service.worker import PrefillWorker
@@ -30,7 +31,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kv-link-gbps", type=float, default=env("KV_LINK_GBPS", "0"),
                         help="emulate a KV link of this many Gbit/s (token bucket); 0 = no limit "
                              "(env HACK_KV_LINK_GBPS)")
-    return parser.parse_args(argv)
+    parser.add_argument("--kv-push", choices=KV_PUSH_MODES, default=env("KV_PUSH", "layerwise"),
+                        help="layerwise: stream each layer's KV while the next one computes; after-forward: push "
+                             "the whole KV once the forward is done, as servers without layer-wise transfer do "
+                             "(the overlap's ablation; its time past the forward is the link's) (env HACK_KV_PUSH)")
+    args = parser.parse_args(argv)
+    if args.kv_push not in KV_PUSH_MODES:  # argparse checks the choices of a given flag, not of its default
+        parser.error(f"environment variable HACK_KV_PUSH={args.kv_push!r} is invalid: choose from "
+                     f"{', '.join(KV_PUSH_MODES)}")
+    return args
 
 
 def build_servicer(args: argparse.Namespace) -> PrefillServicer:
@@ -47,7 +56,7 @@ def build_servicer(args: argparse.Namespace) -> PrefillServicer:
     worker = PrefillWorker(loaded, backend)
     worker.grammars.warm_up_in_background()  # structured output's token table, off the first request's path
     engine = PrefillEngine(worker, kv_identity(loaded, backend.layout), args.token_budget, args.max_batch_seqs, link,
-                            security_from_args(args))
+                            security_from_args(args), args.kv_push)
     return PrefillServicer(engine, kv_config.mode, loaded.config.context_window, loaded.config.vocab_size)
 
 

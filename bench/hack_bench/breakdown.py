@@ -7,7 +7,8 @@ difference of two scrapes taken around a run holds exactly that run's requests, 
     queueing     prefill queue (received -> forward starts) + decode queue (KV complete -> first decode step)
     prefill      the prompt's forward (for compressed modes it includes quantizing the KV)
     kv_transfer  KV push time beyond the forward: the push opens when the forward starts and streams each
-                 layer as soon as it ran, so only what is left after the forward delays the request
+                 layer as soon as it ran, so only what is left after the forward delays the request (with
+                 the prefill's --kv-push after-forward, the whole KV is left: all of it is the link's)
     attention    decode steps' time in the KV backend's attend: dequantize + attend (dequant), attend on the
                  codes (hack), plain fp16 attention (fp16)
     decode       the rest of the decode steps (projections, MLP, sampling)

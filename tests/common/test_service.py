@@ -23,6 +23,15 @@ def test_flags_default_to_hack_environment_variables(monkeypatch) -> None:
     assert (prefill.port, prefill.kv_mode, prefill.kv_link_gbps) == (7000, "dequant", 2.5)  # a flag wins
 
 
+def test_a_bad_kv_push_variable_is_a_usage_error(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("HACK_KV_PUSH", "after-forward")
+    assert prefill_main.parse_args([]).kv_push == "after-forward"
+    monkeypatch.setenv("HACK_KV_PUSH", "whole")
+    with pytest.raises(SystemExit):
+        prefill_main.parse_args([])
+    assert "HACK_KV_PUSH='whole' is invalid: choose from layerwise, after-forward" in capsys.readouterr().err
+
+
 def test_default_ports_differ_per_role(monkeypatch) -> None:
     monkeypatch.delenv("HACK_PORT", raising=False)
     assert decode_main.parse_args([]).port != prefill_main.parse_args([]).port

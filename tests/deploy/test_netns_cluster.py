@@ -1,6 +1,10 @@
 """scripts/netns-cluster.sh: router, prefill and decode in their own network namespaces, the KV link shaped to
 1 Gbit/s by tc. Runs where this process may create namespaces (root, iproute2); skips with the reason elsewhere.
-Also the namespace plumbing itself (common/netns.py): addresses, shaping, cleanup."""
+Also the namespace plumbing itself (common/netns.py): addresses, shaping, cleanup.
+
+The rate check times the push past the forward of a prefill instance that pushes its whole KV once the forward
+is done (--kv-push after-forward, the script's default), at nice -10: the link's time, whatever the forward
+took and however loaded the machine (ratio 1.07-1.08 at load 7-19 on 2 cores, docs/deploy.md)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.hack_bench.netns_check import LINK_BOUND_FRACTION, SKIPPED
+from bench.hack_bench.netns_check import SKIPPED
 from common.netns import LinkShape, Netns, run, unavailable_reason
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -61,10 +65,9 @@ def test_completions_across_a_1_gbit_link_match_one_machine(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert prefix not in namespaces()  # everything removed
     (row,) = json.loads(results_path.read_text())
-    assert row["identical"] and row["requests"] == 3
-    assert row["kv_bytes_per_request"] > 30e6  # 32 MiB of fp16 KV: ~270 ms at 1 Gbit/s
-    if not row["link_bound"]:
-        pytest.skip(f"the prefill forward ({row['compute_s'] * 1e3:.0f} ms) took more than "
-                    f"{LINK_BOUND_FRACTION:.0%} of the link time ({row['expected_s'] * 1e3:.0f} ms): this CPU is "
-                    "too loaded to fill 1 Gbit/s, so the transfer time measures it, not the link")
-    assert row["ratio"] == pytest.approx(1.0, abs=0.2)
+    assert row["identical"] and row["requests"] == 5 and row["kv_push"] == "after-forward"
+    assert row["kv_bytes_per_request"] > 30e6  # 32 MiB of fp16 KV: 268 ms at 1 Gbit/s
+    assert row["expected_s"] == pytest.approx(row["kv_bytes_per_request"] * 8 / 1e9)
+    assert row["ratio"] == pytest.approx(1.0, abs=0.2), (
+        f"KV transfer {row['transfer_s'] * 1e3:.0f} ms vs bytes / rate {row['expected_s'] * 1e3:.0f} ms "
+        f"(load {row['load_average'][0]:.1f})")

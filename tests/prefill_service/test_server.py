@@ -71,6 +71,24 @@ def test_a_slow_link_paces_the_kv_push(model_dir) -> None:
     assert 0.24 <= response.timings.kv_transfer_s < 2.0
 
 
+def test_an_after_forward_push_sends_the_same_kv_once_the_forward_is_done(model_dir) -> None:
+    prompt = random_prompt(100)
+    layout = KVLayout(KVConfig(mode="hack", partition=32), SPEC.num_kv_heads, SPEC.head_dim)
+    gbps = layout.wire_bytes(len(prompt), SPEC.num_layers) * 8 / 0.25 / 1e9  # a link that needs 0.25 s for it
+
+    async def scenario(kv_push: str):
+        async with run_services(model_dir, "hack", prefill_flags=["--kv-push", kv_push,
+                                                                  "--kv-link-gbps", str(gbps)]) as services:
+            tokens, response = await run_request(services, "r", prompt, 4)
+            return [t.token_id for t in tokens], response.timings
+
+    layerwise_tokens, layerwise = asyncio.run(scenario("layerwise"))
+    tokens, timings = asyncio.run(scenario("after-forward"))
+    assert tokens == layerwise_tokens and timings.kv_bytes == layerwise.kv_bytes
+    # The whole push follows the forward: the time past it is the link's (a layer-wise one overlaps the two).
+    assert 0.24 <= timings.kv_transfer_s - timings.prefill_compute_s < 2.0
+
+
 def test_cancel_stops_a_prefill_and_its_push(model_dir) -> None:
     async def scenario():
         # a slow link keeps the push in flight long enough to cancel it
