@@ -149,6 +149,7 @@ class FakeDecode(hack_pb2_grpc.DecodeServiceServicer):
 class FakePrefill(hack_pb2_grpc.PrefillServiceServicer):
     first_token: int
     script: Sequence[int] = ()  # when set, the first token of a request resumed at output position i is script[i]
+    choice_first_tokens: Sequence[int] = ()  # n > 1: each choice's first token (default: first_token for all)
     fail_with: grpc.StatusCode | None = None
     delay_s: float = 0.0
     push_security: TransportSecurity | None = None  # token and TLS of its PushKV channel, as a real prefill's
@@ -164,8 +165,8 @@ class FakePrefill(hack_pb2_grpc.PrefillServiceServicer):
         header = hack_pb2.KVHeader(request_id=request.request_id, num_tokens=len(request.token_ids), model="fake",
                                    kv_mode=request.kv_mode, format_version=1, block_size=BLOCK_SIZE, num_blocks=1)
         first_token = self.script[request.sampling.position_offset] if self.script else self.first_token
-        trailer = hack_pb2.KVTrailer(first_token=first_token, first_tokens=[first_token] * request.n
-                                     if request.n > 1 else ())
+        first_tokens = list(self.choice_first_tokens[:request.n]) or [first_token] * request.n
+        trailer = hack_pb2.KVTrailer(first_token=first_tokens[0], first_tokens=first_tokens if request.n > 1 else ())
         async with (self.push_security or TransportSecurity()).channel(request.decode_address) as channel:
             stub = hack_pb2_grpc.DecodeServiceStub(channel)
             try:
