@@ -284,6 +284,8 @@ class DecodeEngine:
             plan = self.scheduler.schedule()
             for request, message in plan.failed:
                 self.fail_request(request, ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message))
+            if plan.failed:  # a failed request's other choices may be in the plan: they are gone now
+                plan.drop_finished()
             imports = self._take_staged()
             if not (plan.batch or plan.swap_out or plan.swap_in or imports):
                 self._wakeup.clear()

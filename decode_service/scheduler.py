@@ -110,6 +110,11 @@ class StepPlan:
     def __bool__(self) -> bool:
         return bool(self.batch or self.swap_out or self.swap_in or self.failed)
 
+    def drop_finished(self) -> None:
+        """Leave out the requests that finished since the plan was made (their KV is being freed)."""
+        for name in ("batch", "swap_out", "swap_in"):
+            setattr(self, name, [r for r in getattr(self, name) if r.state is not RequestState.FINISHED])
+
 
 class Scheduler:
     def __init__(self, layout: KVLayout, total_blocks: int, max_seqs: int, max_batch_size: int,

@@ -234,3 +234,27 @@ def test_bad_choice_counts_are_refused_clearly(model_dir) -> None:
     assert mismatch.code() == stream_error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "0 first tokens for the request's 2 choices" in stream_error.details()
     assert stats.used_kv_blocks == 0 and stats.waiting_seqs == 0
+
+
+def test_a_choice_preempted_with_no_swap_space_fails_its_request_alone_and_frees_every_choice(model_dir) -> None:
+    """An older one-choice request (1 page) and 4 choices (2 pages each) fill a 9-page pool; when the choices grow,
+    the newest is preempted with no swap space: its request fails, the older one runs on unharmed."""
+    prompt, other = random_prompt(40, 9), random_prompt(10, 10)
+
+    async def scenario():
+        async with run_services(model_dir, decode_flags=["--kv-blocks", "9", "--swap-space-mb", "0"]) as services:
+            older = services.decode_stub.Generate(generate_request("older", len(other), 40))
+            await older.read()
+            call = services.decode_stub.Generate(generate_request("r", len(prompt), 40, n=4))
+            await call.read()
+            for request_id, tokens, n in (("older", other, 1), ("r", prompt, 4)):
+                await services.prefill_stub.Prefill(hack_pb2.PrefillRequest(
+                    request_id=request_id, token_ids=tokens, decode_address=services.decode_address, n=n))
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await read_tokens(call)
+            return failed.value, await read_tokens(older), await settled_stats(services)
+
+    error, older_tokens, stats = asyncio.run(scenario())
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "preempted" in error.details()
+    assert len(older_tokens) == 40 and older_tokens[-1].finish_reason == hack_pb2.FINISH_REASON_LENGTH
+    assert stats.used_kv_blocks == 0 and stats.running_seqs == 0 and stats.counters.requests_failed == 1
