@@ -8,6 +8,10 @@ and the same work the way the router ran `n` before (n concurrent one-choice req
 and n KV pushes). Both sample (temperature 0.8, seeded, ignore_eos), so they generate the same number of tokens.
 Reports the median request latency, its ratio to n = 1, and the prefills and KV bytes per request from the
 prefill instance's counters.
+
+    .venv/bin/python -m bench.choices --fork-costs
+
+times the decode side's copy alone (`KVPool.fork`, SmolLM2-135M's KV geometry, one thread), no cluster.
 """
 from __future__ import annotations
 
@@ -22,10 +26,14 @@ from pathlib import Path
 
 import grpc
 import httpx
+import torch
 
 from bench.report import write_section
 from common.cluster import Cluster, ClusterConfig
 from common.default_model import model_from_env
+from common.kv.config import KVConfig
+from common.kv.format import KVLayout
+from common.kv.pool import KVPool
 from proto import hack_pb2, hack_pb2_grpc
 
 SEED = 1234
@@ -123,6 +131,30 @@ def format_table(rows: dict[int, dict[bool, Timed]], args: argparse.Namespace, l
     return "\n".join(lines)
 
 
+def fork_costs(prompt_lens: tuple[int, ...] = (256, 2048), ns: tuple[int, ...] = (3, 8),
+               repeats: int = 5) -> str:
+    """Best-of-`repeats` time of copying one prompt's KV into n - 1 more sequences, SmolLM2-135M's geometry
+    (30 layers, 3 KV heads, head_dim 64), default KV options, one thread."""
+    torch.set_num_threads(1)
+    lines = ["| KV mode | prompt tokens | n | fork (ms) | copied MB |", "|---|---|---|---|---|"]
+    for mode in ("hack", "fp16"):
+        layout = KVLayout(KVConfig(mode=mode), num_kv_heads=3, head_dim=64)
+        pages = max(n * layout.blocks_for(max(prompt_lens)) for n in ns)
+        pool = KVPool(layout, num_layers=30, num_blocks=pages, max_seqs=max(ns))
+        for prompt_len, n in ((p, n) for p in prompt_lens for n in ns):
+            times = []
+            for _ in range(repeats):
+                pool.allocate({0: prompt_len})
+                started = time.perf_counter()
+                pool.fork(0, list(range(1, n)))
+                times.append(time.perf_counter() - started)
+                for seq_id in range(n):
+                    pool.free(seq_id)
+            copied = (n - 1) * 30 * (layout.blocks_for(prompt_len) * layout.block_bytes + layout.state_bytes)
+            lines.append(f"| {mode} | {prompt_len} | {n} | {min(times) * 1e3:.1f} | {copied / 1e6:.2f} |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.choices", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint directory or name (default: $HACK_MODEL, else the embedded model)")
@@ -135,6 +167,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         / "tinystories_val.txt", help="prompt source (a built-in sentence when absent)")
     parser.add_argument("--write", type=Path, help="markdown file to write the table into (docs/benchmarks.md)")
     parser.add_argument("--section", default="n choices (bench/choices.py)", help="its section title")
+    parser.add_argument("--fork-costs", action="store_true", help="only time the decode side's KV copy")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.prompt_len < 1 or args.output_len < 1 or min(args.n) < 1:
         parser.error("--repeats, --prompt-len, --output-len and every --n must be >= 1")
@@ -144,6 +177,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.fork_costs:
+        print(fork_costs())
+        print(f"\n1-minute load average {os.getloadavg()[0]:.1f}")
+        return 0
     load_before = os.getloadavg()[0]
     config = ClusterConfig(args.model, kv_mode=args.kv_mode, port=0)
     with Cluster(config) as cluster:
