@@ -135,7 +135,15 @@ def fork_costs(prompt_lens: tuple[int, ...] = (256, 2048), ns: tuple[int, ...] =
                repeats: int = 5) -> str:
     """Best-of-`repeats` time of copying one prompt's KV into n - 1 more sequences, SmolLM2-135M's geometry
     (30 layers, 3 KV heads, head_dim 64), default KV options, one thread."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return "\n".join(_fork_rows(prompt_lens, ns, repeats))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fork_rows(prompt_lens: tuple[int, ...], ns: tuple[int, ...], repeats: int) -> list[str]:
     lines = ["| KV mode | prompt tokens | n | fork (ms) | copied MB |", "|---|---|---|---|---|"]
     for mode in ("hack", "fp16"):
         layout = KVLayout(KVConfig(mode=mode), num_kv_heads=3, head_dim=64)
@@ -152,7 +160,7 @@ def fork_costs(prompt_lens: tuple[int, ...] = (256, 2048), ns: tuple[int, ...] =
                     pool.free(seq_id)
             copied = (n - 1) * 30 * (layout.blocks_for(prompt_len) * layout.block_bytes + layout.state_bytes)
             lines.append(f"| {mode} | {prompt_len} | {n} | {min(times) * 1e3:.1f} | {copied / 1e6:.2f} |")
-    return "\n".join(lines)
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -3,6 +3,7 @@ request against n for the separate requests, and the table is written into a mar
 from __future__ import annotations
 
 import pytest
+import torch
 
 from bench import choices
 
@@ -23,3 +24,10 @@ def test_bad_arguments_are_refused(capsys) -> None:
     with pytest.raises(SystemExit):
         choices.parse_args(["--n", "0"])
     assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_fork_costs_time_each_mode_and_leave_the_thread_count_alone() -> None:
+    threads = torch.get_num_threads()
+    rows = choices.fork_costs((17,), (2,), repeats=1).splitlines()[2:]
+    assert [row.split("|")[1].strip() for row in rows] == ["hack", "fp16"]
+    assert torch.get_num_threads() == threads
