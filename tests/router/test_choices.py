@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from tests.router.fake_instances import FakeDecode, FakePrefill
-from tests.router.harness import EOS, cluster, eventually, parse_sse
+from tests.router.harness import EOS, cluster, eventually, leave_after_first_chunk, parse_sse
 
 pytestmark = pytest.mark.anyio
 
@@ -82,3 +82,13 @@ async def test_after_a_migration_each_choice_resumes_as_its_own_request(byte_mod
     assert [r.request_id for r in resumed] == [f"{first.request_id}-c0-m1", f"{first.request_id}-c1-m1"]
     assert [r.sampling.seed for r in resumed] == [7, 8] and all(r.n == 1 for r in resumed)
     assert all(r.sampling.position_offset == 3 for r in resumed)
+
+
+async def test_a_client_gone_mid_stream_cancels_every_choice_at_once(byte_model, byte_tokenizer):
+    decode = FakeDecode([*ids(byte_tokenizer, TEXT * 20), EOS], token_delay_s=0.05)
+    async with cluster(byte_model, [FakePrefill(ids(byte_tokenizer, "a")[0])], [decode]) as c:
+        await leave_after_first_chunk(c.client, "/v1/completions", completion(stream=True, max_tokens=300))
+        await eventually(lambda: decode.cancel_calls and decode.cancelled_streams)
+    request_id = decode.generate_requests[0].request_id
+    assert decode.cancel_calls == [request_id] and decode.cancelled_streams == [request_id]
+    assert decode.cancelled_choices == []  # one Cancel for the request, not one per choice
