@@ -164,7 +164,7 @@ class PrefillEngine:
         compute_s = time.monotonic() - started
         self.counters.max_batch_size = max(self.counters.max_batch_size, len(batch))
         for job, output in zip(batch, outputs):
-            job.sender.finish(output.first_tokens, output.first_logprobs)
+            job.sender.finish(*output.first_tokens, first_logprobs=output.first_logprobs)
             job.output, job.compute_s = output, compute_s
 
     async def _push(self, job: PrefillJob, started: float) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -65,9 +65,10 @@ class KVSender:
     def put_layer(self, layer: int, chunks: list[bytes]) -> None:
         self._queue.put_nowait(_Layer(layer, chunks))
 
-    def finish(self, first_tokens: tuple[int, ...], first_logprobs: tuple[TokenLogprobs | None, ...]) -> None:
-        """The forward is done: send the trailer with every choice's first token once the layers are out."""
-        self._queue.put_nowait(_Trailer(first_tokens, first_logprobs))
+    def finish(self, *first_tokens: int, first_logprobs: Sequence[TokenLogprobs | None] = ()) -> None:
+        """The forward is done: send the trailer with each choice's first token (and logprobs, when asked for) once
+        the layers are out."""
+        self._queue.put_nowait(_Trailer(first_tokens, tuple(first_logprobs) or (None,) * len(first_tokens)))
 
     def abort(self) -> None:
         self._aborted = True
