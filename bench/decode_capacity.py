@@ -73,9 +73,9 @@ async def step_times(runner: DecodeRunner, batch: int, context: int, long_prompt
     params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
     queues = []
     for i in range(batch):
-        request, events = engine.admit(f"d{i}", context, params)
+        (request,), events = engine.admit(f"d{i}", context, params)
         await engine.on_model_thread(runner.allocate, request.seq_id, context)
-        engine.kv_ready(request, 5)
+        engine.kv_ready(request, [5])
         queues.append(events)
     times: list[float] = []
     import_s: list[float] = []
@@ -93,7 +93,7 @@ async def step_times(runner: DecodeRunner, batch: int, context: int, long_prompt
     if inline is None:
         await asyncio.sleep(2.0)
     else:
-        long_request, _ = engine.admit("long", long_prompt, SamplingParams(max_tokens=1, temperature=0.0))
+        (long_request,), _ = engine.admit("long", long_prompt, SamplingParams(max_tokens=1, temperature=0.0))
         await engine.on_model_thread(runner.allocate, long_request.seq_id, long_prompt)
         if inline:
             imports = [engine.on_model_thread(runner.import_layer, long_request.seq_id, layer, layer_chunks)

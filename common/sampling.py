@@ -9,7 +9,7 @@ device-to-host transfer per step.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -116,6 +116,23 @@ class Sampler:
             logits = apply_penalties(logits, params, histories)
         tokens = _draw(logits, params, positions)
         return _to_host(tokens, raw_logprobs, num_logprobs, params)
+
+
+MAX_CHOICES = 16  # choices (OpenAI's `n`) per request
+
+
+def choice_seed(seed: int, choice: int) -> int:
+    """The seed of choice `choice` of an n > 1 request: seed + choice, as vLLM's parallel sampling does."""
+    return (seed + choice) % (1 << 64)
+
+
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """The sampling parameters of each of n choices sharing one prompt: the same but for their seeds."""
+    if not 1 <= n <= MAX_CHOICES:
+        raise ValueError(f"n (choices) must be in [1, {MAX_CHOICES}], got {n}")
+    if params.seed is None or n == 1:
+        return [params] * n
+    return [replace(params, seed=choice_seed(params.seed, i)) for i in range(n)]
 
 
 def position_seed(seed: int, position: int) -> int:

@@ -9,8 +9,13 @@ KV imports stay off the step's critical path: a pushed layer is verified, parsed
 copy per field, sums recomputed) on a separate import thread; the model thread then writes staged layers into
 the pool (one scatter per field) before each step, at most `import_budget_bytes` of them per step (at least
 one layer), so a long prompt's arriving KV delays each running request's next token by a bounded amount.
-Every request has an event queue its Generate stream reads: `TokenEvent`s, ending with one whose finish_reason is
-set, or a `ServiceError` when the request fails (cancel, KV-transfer timeout, bad KV, model error).
+Every request has an event queue its Generate stream reads: `TokenEvent`s (each tagged with its choice), then
+STREAM_END once every choice finished (or was cancelled on its own), or a `ServiceError` when the request fails
+(cancel, KV-transfer timeout, bad KV, model error): a failure ends every choice of the request.
+
+A request with n > 1 choices gets one push, into its first choice's sequence; `fork_kv` then copies those pages
+and state into the other choices' sequences on the model thread (a copy, not shared pages: each choice then
+appends, quantizes its window and is swapped out on its own, so nothing in the KV backends knows about choices).
 """
 from __future__ import annotations
 
@@ -18,9 +23,9 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import grpc
@@ -54,9 +59,15 @@ class TokenEvent:
     batch_size: int = 0
     timers: DecodeTimers | None = None  # on the last token only
     logprobs: TokenLogprobs | None = None  # when the request asked for logprobs
+    choice: int = 0  # which of the request's n choices
 
 
-Event = TokenEvent | ServiceError
+class StreamEnd:
+    """Every choice of the request ended: its Generate stream closes."""
+
+
+STREAM_END = StreamEnd()
+Event = TokenEvent | ServiceError | StreamEnd
 DEFAULT_IMPORT_BUDGET_BYTES = 32 << 20
 
 
@@ -85,6 +96,8 @@ class DecodeEngine:
         self._import_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-kv-import")
         self._staged: deque[StagedLayer] = deque()
         self._events: dict[str, asyncio.Queue[Event]] = {}
+        self._choices: dict[str, list[DecodeRequest]] = {}  # every choice of each request not yet ended
+        self._open: dict[str, set[int]] = {}  # per request, the choices whose last event is still to come
         self._kv_deadlines: dict[str, asyncio.TimerHandle] = {}
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
@@ -137,54 +150,98 @@ class DecodeEngine:
 
     # -- request life cycle ---------------------------------------------------------------------------------------
 
-    def admit(self, request_id: str, prompt_len: int, params: SamplingParams,
-              prompt_ids: tuple[int, ...] = ()) -> tuple[DecodeRequest, asyncio.Queue]:
+    def admit(self, request_id: str, prompt_len: int, params: SamplingParams, prompt_ids: tuple[int, ...] = (),
+              n: int = 1) -> tuple[list[DecodeRequest], asyncio.Queue]:
+        """Register a request's n choices (their KV room reserved) and return them with the request's event queue."""
         if params.repetition_penalty != 1 and len(prompt_ids) != prompt_len:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"repetition_penalty needs the {prompt_len} "
                                f"prompt token ids, got {len(prompt_ids)}")
         if self.draining:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the decode instance is draining (shutting down)")
         try:
-            request = self.scheduler.admit(request_id, prompt_len, params)
+            choices = self.scheduler.admit_choices(request_id, prompt_len, params, n)
         except AdmissionError as error:
             raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)) from None
         except ValueError as error:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
-        request.prompt_ids = prompt_ids if params.repetition_penalty != 1 else ()
+        for request in choices:
+            request.prompt_ids = prompt_ids if params.repetition_penalty != 1 else ()
         self.counters.requests_total += 1
         self.counters.prompt_tokens += prompt_len
         events: asyncio.Queue[Event] = asyncio.Queue()
         self._events[request_id] = events
+        self._choices[request_id] = choices
+        self._open[request_id] = set(range(n))
         self._kv_deadlines[request_id] = asyncio.get_running_loop().call_later(
-            self.kv_timeout_s, self._kv_timeout, request)
-        return request, events
+            self.kv_timeout_s, self._kv_timeout, choices[0])
+        return choices, events
 
-    def kv_ready(self, request: DecodeRequest, first_token: int, first_logprobs: TokenLogprobs | None = None) -> None:
-        """The whole prompt's KV is stored: emit the prefill's token and queue the request for decoding."""
+    async def fork_kv(self, request: DecodeRequest) -> None:
+        """Copy the prompt's KV, pushed into the first choice's sequence, into the request's other live choices'
+        (KVCacheFull if the pool cannot hold them: admission counted their blocks, so that is a bug)."""
+        others = [c for c in self._choices.get(request.request_id, ())[1:]
+                  if c.state is RequestState.WAITING_FOR_KV and not c.cancel_pending]
+        if others:
+            await self.on_model_thread(self.runner.fork, request.seq_id, [c.seq_id for c in others])
+
+    def kv_ready(self, request: DecodeRequest, first_tokens: Sequence[int],
+                 first_logprobs: Sequence[TokenLogprobs | None] = ()) -> None:
+        """The prompt's KV is stored for every choice: emit each choice's first token (sampled by the prefill)
+        and queue the choices for decoding; choices cancelled meanwhile end here."""
+        choices = self._choices[request.request_id]
+        if len(first_tokens) != len(choices):
+            raise ValueError(f"{len(first_tokens)} first tokens for {len(choices)} choices")
         self._kv_deadlines.pop(request.request_id).cancel()
-        self.scheduler.kv_ready(request, first_token)
-        self._emit(request, TokenEvent(first_token, request.finish_reason, logprobs=first_logprobs))
+        for choice, token, logprobs in zip(choices, first_tokens, list(first_logprobs) or [None] * len(choices)):
+            if choice.cancel_pending:
+                self.scheduler.finish(choice)
+                self._release(choice)
+                continue
+            self.scheduler.kv_ready(choice, token)
+            self._emit(choice, TokenEvent(token, choice.finish_reason, logprobs=logprobs, choice=choice.choice))
         self._wakeup.set()
 
     def fail(self, request: DecodeRequest, error: ServiceError) -> None:
-        """End a live request with an error status and free its KV (no-op once it finished)."""
-        if request.state is RequestState.FINISHED:
-            return
-        self.scheduler.finish(request)
-        self._report_failure(request, error)
+        """End a live request, every choice of it, with an error status and free its KV (no-op once it ended)."""
+        if request.state is not RequestState.FINISHED:
+            self.fail_request(request, error)
 
-    def _report_failure(self, request: DecodeRequest, error: ServiceError) -> None:
-        """Send the error of a request the scheduler already finished, and free its KV."""
+    def fail_request(self, request: DecodeRequest, error: ServiceError) -> None:
+        """End the request `request` is a choice of (finished or not) with an error status: every choice stops and
+        its KV is freed. A no-op once the request ended (another request may reuse its id later)."""
+        choices = self._choices.get(request.request_id)
+        if choices is None or not any(c is request for c in choices):
+            return
+        del self._choices[request.request_id], self._open[request.request_id]
         log.info("request %s failed: %s: %s", request.request_id, error.code.name, error.message)
         self.counters.count_failure(error.code)
-        self._events[request.request_id].put_nowait(error)
-        self._release(request)
+        self._events.pop(request.request_id).put_nowait(error)
+        deadline = self._kv_deadlines.pop(request.request_id, None)
+        if deadline is not None:
+            deadline.cancel()
+        for choice in choices:
+            self.scheduler.finish(choice)
+            self._free(choice)
 
-    def cancel(self, request_id: str) -> bool:
-        request = self.scheduler.get(request_id)
-        if request is None:
+    def cancel(self, request_id: str, choice: int | None = None) -> bool:
+        """Cancel a request (every choice), or one choice of it; False when there is no such live one. A choice
+        whose KV is still on the way ends once it landed (its pages are the source of the others' copies)."""
+        choices = self._choices.get(request_id)
+        if choice is None:
+            if choices is not None:
+                self.fail_request(choices[0], ServiceError(grpc.StatusCode.CANCELLED,
+                                                           f"request {request_id!r} was cancelled"))
+            return choices is not None
+        if choices is None or not 0 <= choice < len(choices):
             return False
-        self.fail(request, ServiceError(grpc.StatusCode.CANCELLED, f"request {request_id!r} was cancelled"))
+        target = choices[choice]
+        if target.state is RequestState.FINISHED or target.cancel_pending:
+            return False
+        if target.state is RequestState.WAITING_FOR_KV:
+            target.cancel_pending = True
+        else:
+            self.scheduler.finish(target)
+            self._release(target)
         return True
 
     def _kv_timeout(self, request: DecodeRequest) -> None:
@@ -194,19 +251,28 @@ class DecodeEngine:
                                             f"{self.kv_timeout_s:g} s"))
 
     def _release(self, request: DecodeRequest) -> None:
-        """Forget a finished request and free its KV on the model thread (after any step still using it)."""
-        self._events.pop(request.request_id, None)
-        deadline = self._kv_deadlines.pop(request.request_id, None)
-        if deadline is not None:
-            deadline.cancel()
+        """Free a choice the scheduler finished; once every choice of its request ended, close the stream."""
+        self._free(request)
+        choices, open_choices = self._choices.get(request.request_id), self._open.get(request.request_id)
+        if choices is None or not any(c is request for c in choices):
+            return
+        open_choices.discard(request.choice)
+        if not open_choices:
+            del self._choices[request.request_id], self._open[request.request_id]
+            deadline = self._kv_deadlines.pop(request.request_id, None)
+            if deadline is not None:
+                deadline.cancel()
+            self._events.pop(request.request_id).put_nowait(STREAM_END)
+
+    def _free(self, request: DecodeRequest) -> None:
+        """Free a choice's KV on the model thread (after any step still using it)."""
         self._model_thread.submit(self.runner.free, request.seq_id).add_done_callback(_log_failure)
         self._wakeup.set()  # its blocks may let a swapped or ready request run
 
     def _emit(self, request: DecodeRequest, event: TokenEvent) -> None:
         self.counters.generated_tokens += 1
         if request.state is RequestState.FINISHED:
-            event = TokenEvent(event.token_id, event.finish_reason, event.step_s, event.batch_size, _timers(request),
-                               event.logprobs)
+            event = replace(event, timers=_timers(request))
         self._events[request.request_id].put_nowait(event)
         if request.state is RequestState.FINISHED:
             self._release(request)
@@ -217,7 +283,9 @@ class DecodeEngine:
         while True:
             plan = self.scheduler.schedule()
             for request, message in plan.failed:
-                self._report_failure(request, ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message))
+                self.fail_request(request, ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message))
+            if plan.failed:  # a failed request's other choices may be in the plan: they are gone now
+                plan.drop_finished()
             imports = self._take_staged()
             if not (plan.batch or plan.swap_out or plan.swap_in or imports):
                 self._wakeup.clear()
@@ -242,7 +310,7 @@ class DecodeEngine:
         logprobs = {request.seq_id: lp for request, lp in zip(plan.batch, result.logprobs)}
         for request in self.scheduler.record_step(plan.batch, result.tokens, step_s, result.attention_s):
             self._emit(request, TokenEvent(request.last_token, request.finish_reason, step_s, len(plan.batch),
-                                           logprobs=logprobs[request.seq_id]))
+                                           logprobs=logprobs[request.seq_id], choice=request.choice))
 
     def _model_step(self, plan: StepPlan, imports: list[StagedLayer]
                     ) -> tuple[list[Exception | None], StepResult | None, Exception | None]:

@@ -30,6 +30,7 @@ import grpc
 
 from common.kv.interface import KVCacheFull
 from common.kv.wire import WireChecksumError, WireFormatError
+from common.sampling import TokenLogprobs
 from common.service import ServiceError, chunks_per_layer, logprobs_from_proto
 from decode_service.engine import DecodeEngine
 from decode_service.scheduler import DecodeRequest, RequestState
@@ -102,10 +103,10 @@ class KVReceiver:
                 await self._on_trailer(message.trailer)
 
     async def _on_header(self, header: hack_pb2.KVHeader) -> None:
-        request = self.engine.scheduler.get(header.request_id)
-        if request is None:
+        choices = self.engine.scheduler.get(header.request_id)
+        if choices is None:
             raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no admitted request {header.request_id!r}")
-        self.request = request
+        self.request = request = choices[0]  # the KV lands in the first choice's pages, then is copied (fork_kv)
         if request.state is not RequestState.WAITING_FOR_KV:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"request {header.request_id!r} already has its KV ({request.state.value})")
@@ -165,13 +166,35 @@ class KVReceiver:
         await asyncio.gather(*self.imports, return_exceptions=True)
         self._raise_import_error(done_only=False)
         self._check_still_current()
-        vocab_size = self.engine.runner.loaded.config.vocab_size
-        if not 0 <= trailer.first_token < vocab_size:
-            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"first token {trailer.first_token} is outside "
-                               f"the vocabulary [0, {vocab_size})")
+        first_tokens, first_logprobs = self._first_tokens(trailer)
+        try:
+            await self.engine.fork_kv(self.request)
+        except KVCacheFull as error:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no room for the choices' KV: {error}") from None
+        self._check_still_current()
         self.state = PushState.COMPLETE
-        first_logprobs = logprobs_from_proto(trailer.first_logprobs) if trailer.HasField("first_logprobs") else None
-        self.engine.kv_ready(self.request, trailer.first_token, first_logprobs)
+        self.engine.kv_ready(self.request, first_tokens, first_logprobs)
+
+    def _first_tokens(self, trailer: hack_pb2.KVTrailer) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """Each choice's first token (and logprobs) from the trailer, checked against the request."""
+        n = len(self.engine.scheduler.get(self.request.request_id) or ())
+        tokens = list(trailer.first_tokens) if n > 1 else [trailer.first_token]
+        if len(tokens) != n:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"the trailer carries {len(tokens)} first tokens "
+                               f"for the request's {n} choices")
+        vocab_size = self.engine.runner.loaded.config.vocab_size
+        bad = [token for token in tokens if not 0 <= token < vocab_size]
+        if bad:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"first token {bad[0]} is outside the vocabulary "
+                               f"[0, {vocab_size})")
+        if n > 1:
+            logprobs = [logprobs_from_proto(lp) for lp in trailer.first_tokens_logprobs] or [None] * n
+        else:
+            logprobs = [logprobs_from_proto(trailer.first_logprobs) if trailer.HasField("first_logprobs") else None]
+        if len(logprobs) != n:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"the trailer carries {len(logprobs)} first "
+                               f"logprobs for the request's {n} choices")
+        return tokens, logprobs
 
     def _raise_import_error(self, done_only: bool) -> None:
         for future in self.imports:

@@ -77,6 +77,11 @@ class DecodeRunner:
         self.backend.free(seq_id)
         self.backend.allocate_sequence(seq_id, num_tokens)
 
+    def fork(self, seq_id: int, copies: list[int]) -> None:
+        """Give each sequence of `copies` a copy of seq_id's KV (the other choices of one prompt; KVCacheFull if the
+        pool cannot hold them)."""
+        self.backend.pool.fork(seq_id, copies)
+
     def stage_import(self, layer: int, chunks: list[bytes]) -> PreparedImport:
         """Verify (checksum, version, layout) and stage one layer's wire chunks on the device; WireFormatError if
         bad. Runs on the import thread: no pool state is read or written."""

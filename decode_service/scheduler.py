@@ -17,6 +17,9 @@ output does not change) and it resumes, oldest first, once its blocks are free a
 request whose prompt does not fit the free blocks now, and one that could not finish even alone in the pool
 (prompt + max_tokens larger than the pool). With the host swap space full too, the preempted request fails with
 RESOURCE_EXHAUSTED rather than stall every other one.
+A request with n choices (OpenAI's `n`) is n DecodeRequests with one request_id: each its own sequence, blocks,
+seed, tokens and finish reason, admitted together (all or nothing, the prompt's blocks counted once per choice,
+since each choice gets its own copy of the prompt's KV) and from then on scheduled and preempted one by one.
 The scheduler only counts blocks (block_manager.py); the model thread allocates them in the pool within those
 counts, in the order the plans arrive.
 """
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.kv.format import KVLayout
-from common.sampling import SamplingParams
+from common.sampling import SamplingParams, choice_params
 from common.sequence import finish_reason
 from decode_service.block_manager import BlockCount, BlockManager
 
@@ -58,6 +61,8 @@ class DecodeRequest:
     finish_reason: str | None = None  # "stop" or "length" when it ended normally
     prompt_ids: tuple[int, ...] = ()  # only kept when a repetition penalty needs them
     grammar: Any = None  # structured output: its llguidance matcher, built by the runner at the first step
+    choice: int = 0  # which of the request's n choices
+    cancel_pending: bool = False  # this choice was cancelled while its KV was on the way: dropped once it lands
     # Timers (time.monotonic) and batch statistics for DecodeTimers.
     admitted_at: float = field(default_factory=time.monotonic)
     kv_done_at: float = 0.0
@@ -67,6 +72,10 @@ class DecodeRequest:
     sum_batch_size: int = 0
     attention_s: float = 0.0  # summed over the steps the request was in
     num_preemptions: int = 0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.request_id, self.choice
 
     @property
     def reserved_blocks(self) -> int:
@@ -101,6 +110,11 @@ class StepPlan:
     def __bool__(self) -> bool:
         return bool(self.batch or self.swap_out or self.swap_in or self.failed)
 
+    def drop_finished(self) -> None:
+        """Leave out the requests that finished since the plan was made (their KV is being freed)."""
+        for name in ("batch", "swap_out", "swap_in"):
+            setattr(self, name, [r for r in getattr(self, name) if r.state is not RequestState.FINISHED])
+
 
 class Scheduler:
     def __init__(self, layout: KVLayout, total_blocks: int, max_seqs: int, max_batch_size: int,
@@ -112,7 +126,8 @@ class Scheduler:
         self.layout = layout
         self.blocks = BlockManager(layout, total_blocks, swap_blocks)
         self.total_blocks, self.max_seqs, self.max_batch_size = total_blocks, max_seqs, max_batch_size
-        self.requests: dict[str, DecodeRequest] = {}
+        self.requests: dict[tuple[str, int], DecodeRequest] = {}  # live choices by (request_id, choice)
+        self.groups: dict[str, list[DecodeRequest]] = {}  # every choice of each request with a live one
         self.ready: deque[DecodeRequest] = deque()
         self.running: list[DecodeRequest] = []
         self.swapped: deque[DecodeRequest] = deque()
@@ -122,28 +137,39 @@ class Scheduler:
     # -- admission ------------------------------------------------------------------------------------------------
 
     def admit(self, request_id: str, prompt_len: int, params: SamplingParams) -> DecodeRequest:
-        """Register a request and count its prompt's blocks; AdmissionError when it does not fit (nothing held)."""
-        if request_id in self.requests:
+        """Register a one-choice request (see admit_choices)."""
+        return self.admit_choices(request_id, prompt_len, params, 1)[0]
+
+    def admit_choices(self, request_id: str, prompt_len: int, params: SamplingParams, n: int) -> list[DecodeRequest]:
+        """Register a request's n choices and count their prompt blocks; AdmissionError when they do not fit
+        (nothing held)."""
+        if request_id in self.groups:
             raise ValueError(f"request {request_id!r} is already admitted")
         if prompt_len < 1:
             raise ValueError(f"prompt_len must be >= 1, got {prompt_len}")
+        params_of_choices = choice_params(params, n)  # ValueError for a bad n
         longest = self.blocks.blocks_for(prompt_len + params.max_tokens - 1)
         if longest > self.total_blocks:
             raise AdmissionError(
                 f"request {request_id!r} needs {longest} KV blocks for {prompt_len} prompt + {params.max_tokens} new "
                 f"tokens, more than this instance's {self.total_blocks}"
             )
-        need = self.blocks.blocks_for(prompt_len + 1)
-        if need > self.admittable_blocks or len(self.requests) >= self.max_seqs:
+        need = n * self.blocks.blocks_for(prompt_len + 1)
+        if need > self.admittable_blocks or len(self.requests) + n > self.max_seqs:
+            slots = "a sequence slot" if n == 1 else f"{n} sequence slots (one per choice)"
             raise AdmissionError(
-                f"request {request_id!r} needs {need} KV blocks and a sequence slot; {self.admittable_blocks} blocks "
+                f"request {request_id!r} needs {need} KV blocks and {slots}; {self.admittable_blocks} blocks "
                 f"and {self.max_seqs - len(self.requests)} slots are free"
             )
-        request = DecodeRequest(request_id, self._next_seq_id, prompt_len, params)
-        self.blocks.allocate(request.blocks, prompt_len + 1)
-        self._next_seq_id += 1
-        self.requests[request_id] = request
-        return request
+        choices = []
+        for choice, choice_params_ in enumerate(params_of_choices):
+            request = DecodeRequest(request_id, self._next_seq_id, prompt_len, choice_params_, choice=choice)
+            self.blocks.allocate(request.blocks, prompt_len + 1)
+            self._next_seq_id += 1
+            self.requests[request.key] = request
+            choices.append(request)
+        self.groups[request_id] = choices
+        return choices
 
     @property
     def free_blocks(self) -> int:
@@ -251,9 +277,11 @@ class Scheduler:
         return live
 
     def finish(self, request: DecodeRequest) -> None:
-        """Take a request out of every queue and release its blocks (idempotent)."""
-        if self.requests.pop(request.request_id, None) is None:
+        """Take a choice out of every queue and release its blocks (idempotent)."""
+        if self.requests.pop(request.key, None) is None:
             return
+        if all(choice.key not in self.requests for choice in self.groups[request.request_id]):
+            del self.groups[request.request_id]
         self.blocks.free(request.blocks)
         if request.state is RequestState.READY:
             self.ready.remove(request)
@@ -265,8 +293,9 @@ class Scheduler:
 
     # -- introspection --------------------------------------------------------------------------------------------
 
-    def get(self, request_id: str) -> DecodeRequest | None:
-        return self.requests.get(request_id)
+    def get(self, request_id: str) -> list[DecodeRequest] | None:
+        """Every choice of a request that still has a live one (finished choices included), in choice order."""
+        return self.groups.get(request_id)
 
     @property
     def num_waiting(self) -> int:

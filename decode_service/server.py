@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from common.service import ServiceError, logprobs_to_proto, request_kv_mode, sampling_params
-from decode_service.engine import DecodeEngine, TokenEvent
+from decode_service.engine import DecodeEngine, StreamEnd, TokenEvent
 from decode_service.kv_receiver import KVReceiver
 from decode_service.scheduler import DecodeRequest, RequestState
 from proto import hack_pb2, hack_pb2_grpc
@@ -26,23 +26,25 @@ class DecodeServicer(hack_pb2_grpc.DecodeServiceServicer):
     async def Generate(self, request: hack_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[hack_pb2.GenerateResponse]:
         try:
-            admitted, events = self._admit(request)
+            choices, events = self._admit(request)
         except ServiceError as error:
             await context.abort(error.code, error.message)
         try:
-            yield hack_pb2.GenerateResponse(admitted=hack_pb2.Admitted(reserved_kv_blocks=admitted.reserved_blocks))
+            reserved = sum(choice.reserved_blocks for choice in choices)
+            yield hack_pb2.GenerateResponse(admitted=hack_pb2.Admitted(reserved_kv_blocks=reserved))
             while True:
                 event = await events.get()
                 if isinstance(event, ServiceError):
                     await context.abort(event.code, event.message)
-                yield hack_pb2.GenerateResponse(token=_token_message(event))
-                if event.finish_reason is not None:
+                if isinstance(event, StreamEnd):
                     return
+                yield hack_pb2.GenerateResponse(token=_token_message(event))
         finally:  # the router went away (or the stream ended): nothing may keep the request's KV
-            if admitted.state is not RequestState.FINISHED:
-                self.engine.cancel(admitted.request_id)
+            if any(choice.state is not RequestState.FINISHED for choice in choices):
+                self.engine.fail_request(choices[0], ServiceError(
+                    grpc.StatusCode.CANCELLED, f"request {request.request_id!r} was cancelled (its stream closed)"))
 
-    def _admit(self, request: hack_pb2.GenerateRequest) -> tuple[DecodeRequest, asyncio.Queue]:
+    def _admit(self, request: hack_pb2.GenerateRequest) -> tuple[list[DecodeRequest], asyncio.Queue]:
         request_kv_mode(request.kv_mode, self.kv_mode)
         if not request.request_id:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
@@ -55,7 +57,8 @@ class DecodeServicer(hack_pb2_grpc.DecodeServiceServicer):
                                f"the context window of {context_window} tokens")
         vocab_size = self.engine.runner.loaded.config.vocab_size
         params = sampling_params(request.sampling, request.max_tokens, tuple(request.stop_token_ids), vocab_size)
-        return self.engine.admit(request.request_id, request.prompt_len, params, tuple(request.prompt_token_ids))
+        return self.engine.admit(request.request_id, request.prompt_len, params, tuple(request.prompt_token_ids),
+                                 request.n or 1)
 
     async def PushKV(self, request_iterator: AsyncIterator[hack_pb2.KVChunk],
                      context: grpc.aio.ServicerContext) -> hack_pb2.PushKVResponse:
@@ -68,7 +71,8 @@ class DecodeServicer(hack_pb2_grpc.DecodeServiceServicer):
 
     async def Cancel(self, request: hack_pb2.CancelRequest,
                      context: grpc.aio.ServicerContext) -> hack_pb2.CancelResponse:
-        return hack_pb2.CancelResponse(found=self.engine.cancel(request.request_id))
+        choice = request.choice if request.HasField("choice") else None
+        return hack_pb2.CancelResponse(found=self.engine.cancel(request.request_id, choice))
 
     async def Stats(self, request: hack_pb2.StatsRequest,
                     context: grpc.aio.ServicerContext) -> hack_pb2.StatsResponse:
@@ -93,6 +97,7 @@ def _token_message(event: TokenEvent) -> hack_pb2.GeneratedToken:
         finish_reason=_FINISH_REASONS[event.finish_reason],
         timing=hack_pb2.TokenTiming(step_s=event.step_s, batch_size=event.batch_size),
         logprobs=logprobs_to_proto(event.logprobs),
+        choice=event.choice,
     )
     if event.timers is not None:
         message.timers.CopyFrom(hack_pb2.DecodeTimers(**vars(event.timers)))

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PrefillResult:
-    first_token: int
+    first_tokens: tuple[int, ...]  # one per choice
     queue_s: float
     compute_s: float
     transfer_s: float
@@ -50,6 +50,7 @@ class PrefillJob:
     seq_id: int
     result: asyncio.Future = field(repr=False)
     prompt_logprobs: int | None = None  # top logprobs per prompt token, when the request scores its prompt
+    n: int = 1  # choices: a first token is sampled for each, the KV is pushed once
     received_at: float = field(default_factory=time.monotonic)
     sender: KVSender | None = field(default=None, repr=False)
     output: PrefillOutput | None = None  # known once the forward ran
@@ -101,13 +102,13 @@ class PrefillEngine:
         return len(self._jobs)
 
     async def prefill(self, request_id: str, token_ids: list[int], params: SamplingParams,
-                      decode_address: str, prompt_logprobs: int | None = None) -> PrefillResult:
+                      decode_address: str, prompt_logprobs: int | None = None, n: int = 1) -> PrefillResult:
         if self.draining:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the prefill instance is draining (shutting down)")
         if request_id in self._jobs:
             raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"request {request_id!r} is already being prefilled")
         job = PrefillJob(request_id, token_ids, params, decode_address, self._next_seq_id,
-                         asyncio.get_running_loop().create_future(), prompt_logprobs)
+                         asyncio.get_running_loop().create_future(), prompt_logprobs, n)
         self._next_seq_id += 1
         self._jobs[request_id] = job
         self._queue.append(job)
@@ -159,7 +160,7 @@ class PrefillEngine:
         try:
             outputs = await loop.run_in_executor(
                 self._model_thread, self.worker.run, list(by_seq), [j.token_ids for j in batch],
-                [j.params for j in batch], on_layer, [j.prompt_logprobs for j in batch])
+                [j.params for j in batch], on_layer, [j.prompt_logprobs for j in batch], [j.n for j in batch])
         except Exception as error:  # a model error fails this batch, not the instance
             log.exception("prefill failed")
             for job in batch:
@@ -168,7 +169,7 @@ class PrefillEngine:
         compute_s = time.monotonic() - started
         self.counters.max_batch_size = max(self.counters.max_batch_size, len(batch))
         for job, output in zip(batch, outputs):
-            job.sender.finish(output.first_token, output.first_logprobs)
+            job.sender.finish(*output.first_tokens, first_logprobs=output.first_logprobs)
             job.output, job.compute_s = output, compute_s
 
     async def _push(self, job: PrefillJob, started: float) -> None:
@@ -180,10 +181,10 @@ class PrefillEngine:
         self.counters.kv_bytes += sent.kv_bytes
         if self._jobs.pop(job.request_id, None) is None:  # cancelled meanwhile
             return
-        self.counters.generated_tokens += 1
+        self.counters.generated_tokens += job.n
         if job.result.done():  # the Prefill call was cancelled or abandoned while the push finished
             return
-        job.result.set_result(PrefillResult(job.output.first_token, started - job.received_at, job.compute_s,
+        job.result.set_result(PrefillResult(job.output.first_tokens, started - job.received_at, job.compute_s,
                                             sent.transfer_s, sent.kv_bytes, job.output.prompt_logprobs))
 
     def _header(self, job: PrefillJob) -> hack_pb2.KVHeader:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -47,8 +47,17 @@ class _Layer:
 
 @dataclass(frozen=True)
 class _Trailer:
-    first_token: int
-    first_logprobs: TokenLogprobs | None
+    first_tokens: tuple[int, ...]  # one per choice
+    first_logprobs: tuple[TokenLogprobs | None, ...]
+
+    def message(self) -> hack_pb2.KVTrailer:
+        trailer = hack_pb2.KVTrailer(first_token=self.first_tokens[0],
+                                     first_logprobs=logprobs_to_proto(self.first_logprobs[0]))
+        if len(self.first_tokens) > 1:
+            trailer.first_tokens.extend(self.first_tokens)
+            if self.first_logprobs[0] is not None:
+                trailer.first_tokens_logprobs.extend(map(logprobs_to_proto, self.first_logprobs))
+        return trailer
 
 
 class KVSender:
@@ -66,8 +75,10 @@ class KVSender:
     def put_layer(self, layer: int, chunks: list[bytes]) -> None:
         self._queue.put_nowait(_Layer(layer, chunks))
 
-    def finish(self, first_token: int, first_logprobs: TokenLogprobs | None = None) -> None:
-        self._queue.put_nowait(_Trailer(first_token, first_logprobs))
+    def finish(self, *first_tokens: int, first_logprobs: Sequence[TokenLogprobs | None] = ()) -> None:
+        """The forward is done: send the trailer with each choice's first token (and logprobs, when asked for) once
+        the layers are out."""
+        self._queue.put_nowait(_Trailer(first_tokens, tuple(first_logprobs) or (None,) * len(first_tokens)))
         self._forward_done.set()
 
     def abort(self) -> None:
@@ -96,9 +107,7 @@ class KVSender:
         while True:
             item = await self._queue.get()
             if isinstance(item, _Trailer):
-                trailer = hack_pb2.KVTrailer(first_token=item.first_token,
-                                             first_logprobs=logprobs_to_proto(item.first_logprobs))
-                yield hack_pb2.KVChunk(trailer=trailer)
+                yield hack_pb2.KVChunk(trailer=item.message())
                 return
             for index, data in enumerate(item.chunks):
                 if self.link is not None:

@@ -6,7 +6,7 @@ import asyncio
 import grpc
 
 from common.sequence import validate_prompt
-from common.sampling import MAX_LOGPROBS
+from common.sampling import MAX_CHOICES, MAX_LOGPROBS
 from common.service import ServiceError, logprobs_to_proto, request_kv_mode, sampling_params
 from prefill_service.engine import PrefillEngine
 from prefill_service.kv_sender import DecodeRefused
@@ -26,7 +26,7 @@ class PrefillServicer(hack_pb2_grpc.PrefillServiceServicer):
                                      vocab_size=self.vocab_size)
             prompt_logprobs = request.prompt_logprobs if request.HasField("prompt_logprobs") else None
             result = await self.engine.prefill(request.request_id, list(request.token_ids), params,
-                                               request.decode_address, prompt_logprobs)
+                                               request.decode_address, prompt_logprobs, request.n or 1)
         except ServiceError as error:
             blame = ((FAILED_ROLE_METADATA_KEY, "decode"),) if isinstance(error, DecodeRefused) else ()
             await context.abort(error.code, error.message, trailing_metadata=blame)
@@ -35,8 +35,9 @@ class PrefillServicer(hack_pb2_grpc.PrefillServiceServicer):
             raise
         timings = hack_pb2.PrefillTimings(queue_s=result.queue_s, prefill_compute_s=result.compute_s,
                                           kv_transfer_s=result.transfer_s, kv_bytes=result.kv_bytes)
-        return hack_pb2.PrefillResponse(first_token=result.first_token, timings=timings,
-                                        prompt_logprobs=map(logprobs_to_proto, result.prompt_logprobs or ()))
+        return hack_pb2.PrefillResponse(first_token=result.first_tokens[0], timings=timings,
+                                        prompt_logprobs=map(logprobs_to_proto, result.prompt_logprobs or ()),
+                                        first_tokens=result.first_tokens if len(result.first_tokens) > 1 else ())
 
     def _validate(self, request: hack_pb2.PrefillRequest) -> None:
         request_kv_mode(request.kv_mode, self.kv_mode)
@@ -44,6 +45,8 @@ class PrefillServicer(hack_pb2_grpc.PrefillServiceServicer):
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
         if not request.decode_address:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "decode_address is empty")
+        if request.n > MAX_CHOICES:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"n must be <= {MAX_CHOICES}, got {request.n}")
         if request.HasField("prompt_logprobs") and request.prompt_logprobs > MAX_LOGPROBS:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"prompt_logprobs must be <= {MAX_LOGPROBS}, got {request.prompt_logprobs}")

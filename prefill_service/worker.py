@@ -15,7 +15,7 @@ from common.kv.backends import PagedKVBackend
 from common.kv.interface import ForwardBatch, KVBackend
 from common.kv.wire import encode_layer
 from common.loader import LoadedModel
-from common.sampling import Sampler, SamplingParams, TokenHistory, TokenLogprobs
+from common.sampling import Sampler, SamplingParams, TokenHistory, TokenLogprobs, choice_params
 from common.structured import GrammarCompiler, mask_logits
 
 LayerCallback = Callable[[int, int, list[bytes]], None]  # (seq_id, layer, that layer's wire chunks)
@@ -45,9 +45,13 @@ class LayerExporter(KVBackend):
 
 @dataclass(frozen=True)
 class PrefillOutput:
-    first_token: int
-    first_logprobs: TokenLogprobs | None  # when the request asked for logprobs
+    first_tokens: tuple[int, ...]  # one per choice (n > 1: choice i sampled with seed + i)
+    first_logprobs: tuple[TokenLogprobs | None, ...]  # per choice; None where the request asked for none
     prompt_logprobs: list[TokenLogprobs] | None  # prompt tokens 1.. (when asked for), for echo / scoring
+
+    @property
+    def first_token(self) -> int:
+        return self.first_tokens[0]
 
 
 class PrefillWorker:
@@ -58,10 +62,13 @@ class PrefillWorker:
         self.grammars = GrammarCompiler(loaded.tokenizer, loaded.config.vocab_size)
 
     def run(self, seq_ids: list[int], prompts: list[list[int]], params: list[SamplingParams],
-            on_layer: LayerCallback, prompt_logprobs: list[int | None] | None = None) -> list[PrefillOutput]:
-        """Prefill the prompts together, stream their KV through on_layer, return each one's first token
-        (and the logprobs asked for). The pool holds the prompts only for the duration of the call."""
+            on_layer: LayerCallback, prompt_logprobs: list[int | None] | None = None,
+            choices: list[int] | None = None) -> list[PrefillOutput]:
+        """Prefill the prompts together, stream their KV through on_layer, return each one's first token per
+        choice (choices[i] of them for prompt i, from its last position's logits) and the logprobs asked for.
+        The pool holds the prompts only for the duration of the call."""
         prompt_logprobs = prompt_logprobs or [None] * len(prompts)
+        choices = choices or [1] * len(prompts)
         batch = ForwardBatch.build(seq_ids, [0] * len(seq_ids), [len(p) for p in prompts], self.device)
         exporter = LayerExporter(self.backend, on_layer)
         want_all = any(k is not None for k in prompt_logprobs)
@@ -70,14 +77,17 @@ class PrefillWorker:
             tokens = torch.tensor([t for prompt in prompts for t in prompt], device=self.device)
             logits = self.loaded.model(tokens, batch, exporter, logits="all" if want_all else "last")
             last = logits[batch.cu_new[1:] - 1] if want_all else logits
+            last = last.repeat_interleave(torch.tensor(choices, device=last.device), dim=0)  # a row per choice
+            rows = [p for prompt_params, n in zip(params, choices) for p in choice_params(prompt_params, n)]
             last = mask_logits(last, [self.grammars.matcher(p.json_schema) if p.json_schema is not None else None
-                                      for p in params])
-            histories = [TokenHistory(prompt, ()) for prompt in prompts]
-            sampled = self.sampler.run(last, params, [0] * len(params), histories)
+                                      for p in rows])
+            histories = [TokenHistory(prompt, ()) for prompt, n in zip(prompts, choices) for _ in range(n)]
+            sampled = self.sampler.run(last, rows, [0] * len(rows), histories)
             scored = [None if k is None else score_prompt(logits[batch.rows(i)], prompts[i], k)
                       for i, k in enumerate(prompt_logprobs)]
-            return [PrefillOutput(token, lp, prompt_lp)
-                    for token, lp, prompt_lp in zip(sampled.tokens, sampled.logprobs, scored)]
+            starts = [sum(choices[:i]) for i in range(len(choices))]
+            return [PrefillOutput(tuple(sampled.tokens[start:start + n]), tuple(sampled.logprobs[start:start + n]),
+                                  prompt_lp) for start, n, prompt_lp in zip(starts, choices, scored)]
         finally:
             for seq_id in seq_ids:
                 self.backend.free(seq_id)

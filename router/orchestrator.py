@@ -17,22 +17,32 @@ the token timeout, or refusing the KV for such a reason), the request resumes on
 prompt is the original prompt plus every token streamed so far, max_tokens what is left, and sampling positions
 offset by the tokens already out (seeded draws stay those of the uninterrupted run). P runs the whole new prompt
 again, so the client's stream just goes on, with no token repeated or missing. At most `max_migrations` times.
+
+n choices (OpenAI's `n`) run as one request: one Generate (D reserves room for every choice), one Prefill (P runs
+the prompt once and samples each choice's first token), one KV push; D copies the KV into each choice and streams
+their tokens interleaved, tagged with `choice`. A choice the client is done with (a stop string) is cancelled on
+its own. Migrated after tokens were streamed, the choices part ways: each unfinished one resumes as its own
+one-choice request (prompt + its tokens, seed + its index), so each output stays that of the uninterrupted run.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Set
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import grpc
 
+from common.sampling import choice_seed
 from proto import FAILED_ROLE_METADATA_KEY, hack_pb2, kv_mode_from_proto
 from router.errors import RouterError, upstream_error
 from router.instances import Instance, InstancePool, Role
 from router.metrics import RouterMetrics
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A decode instance that answers these is skipped and the next one tried.
 _ADMISSION_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
@@ -66,6 +76,7 @@ class GenerationRequest:
     max_tokens: int
     kv_mode: hack_pb2.KVMode
     prompt_logprobs: int | None = None  # score the prompt: each token's logprob and the top k (from P)
+    n: int = 1  # choices sharing the prompt's prefill and KV push
 
     @property
     def decode_needs_prompt(self) -> bool:
@@ -80,7 +91,15 @@ class GenerationRequest:
         return GenerationRequest(request_id=f"{self.request_id}-m{attempt}",
                                  prompt_ids=self.prompt_ids + tuple(generated), sampling=sampling,
                                  stop_token_ids=self.stop_token_ids, max_tokens=self.max_tokens - len(generated),
-                                 kv_mode=self.kv_mode)
+                                 kv_mode=self.kv_mode, n=self.n)
+
+    def choice(self, index: int) -> "GenerationRequest":
+        """Choice `index` of an n > 1 request as a request of its own (its seed: common.sampling.choice_seed)."""
+        sampling = hack_pb2.SamplingParams()
+        sampling.CopyFrom(self.sampling)
+        if sampling.HasField("seed"):
+            sampling.seed = choice_seed(sampling.seed, index)
+        return replace(self, request_id=f"{self.request_id}-c{index}", sampling=sampling, prompt_logprobs=None, n=1)
 
 
 class _DecodeFailed(Exception):
@@ -102,7 +121,13 @@ class _Run:
     prefill: Instance | None = None  # the prefill instance working on it right now
     prefill_task: asyncio.Task[hack_pb2.PrefillResponse | None] | None = None
     num_tokens: int = 0
-    finished: bool = False  # D sent the finish reason: nothing left to cancel there
+    finished_choices: set[int] = field(default_factory=set)  # D sent their finish reason
+    cancelled_choices: set[int] = field(default_factory=set)  # stopped by the client, cancelled on D
+
+    @property
+    def finished(self) -> bool:
+        """D sent every choice's finish reason: nothing left to cancel there."""
+        return len(self.finished_choices) == self.request.n
 
 
 class Orchestrator:
@@ -126,16 +151,24 @@ class Orchestrator:
         self._max_migrations = max_migrations
         self._background: set[asyncio.Task[None]] = set()
 
-    async def generate(
-        self, request: GenerationRequest, on_prefill: Callable[[hack_pb2.PrefillResponse], None] | None = None
+    def generate(
+        self, request: GenerationRequest, on_prefill: Callable[[hack_pb2.PrefillResponse], None] | None = None,
+        stopped: Set[int] = frozenset(),
     ) -> AsyncIterator[hack_pb2.GeneratedToken]:
-        """Every token of the request, the first one included; raises RouterError when an instance fails and
-        the request cannot be migrated (no attempt or no other decode instance left).
+        """Every token of the request, the first one included, each tagged with its choice; raises RouterError
+        when an instance fails and the request cannot be migrated (no attempt or no other decode instance left).
 
         `on_prefill` gets the first prefill's reply before the first token is yielded (prompt logprobs live there).
+        `stopped`: the choices the caller is done with (it adds to the set as they end on stop strings); each is
+        cancelled on the decode instance when its next token arrives, and yields nothing more.
         """
-        generated: list[int] = []
-        failed_decodes: list[Instance] = []
+        return self._generate(request, on_prefill, stopped, [])
+
+    async def _generate(
+        self, request: GenerationRequest, on_prefill: Callable[[hack_pb2.PrefillResponse], None] | None,
+        stopped: Set[int], failed_decodes: list[Instance],
+    ) -> AsyncIterator[hack_pb2.GeneratedToken]:
+        generated: dict[int, list[int]] = {index: [] for index in range(request.n)}
         attempt = request
         while True:
             run = _Run(attempt)
@@ -145,21 +178,33 @@ class Orchestrator:
                 with self._pool.track(run.decode):
                     run.prefill_task = asyncio.create_task(self._prefill(run), name=f"prefill-{attempt.request_id}")
                     async for token in self._read_tokens(run):
-                        if on_prefill is not None and not generated:
+                        if token.choice in stopped:
+                            self._cancel_choice(run, token)
+                            continue
+                        if on_prefill is not None and not any(generated.values()):
                             on_prefill(await self._prefill_reply(run))
-                        generated.append(token.token_id)
+                        generated[token.choice].append(token.token_id)
                         yield token
                 return
             except _DecodeFailed as failure:
                 if run.decode is not None:
                     failed_decodes.append(run.decode)
-                attempt = self._migration(request, failure.error, failed_decodes, generated)
+                self._check_migration(request, failure.error, failed_decodes, sum(map(len, generated.values())))
+                if request.n > 1 and any(generated.values()):  # the choices part ways
+                    break
+                attempt = request.resumed(len(failed_decodes), generated[0])
             finally:
                 self._release(run)
+        unfinished = [i for i in range(request.n) if i not in run.finished_choices and i not in stopped]
+        streams = [_as_choice(i, self._generate(request.choice(i).resumed(len(failed_decodes), generated[i]), None,
+                                                frozenset(), list(failed_decodes)), stopped) for i in unfinished]
+        async for token in merge_streams(streams):
+            yield token
 
-    def _migration(self, request: GenerationRequest, error: RouterError, failed_decodes: list[Instance],
-                   generated: list[int]) -> GenerationRequest:
-        """The next attempt of a request whose decode instance failed, or the error when none is left."""
+    def _check_migration(self, request: GenerationRequest, error: RouterError, failed_decodes: list[Instance],
+                         num_generated: int) -> None:
+        """Raise the error when a request whose decode instance failed cannot be migrated (no attempt or no
+        other decode instance left)."""
         migrations = len(failed_decodes)
         if migrations > self._max_migrations:
             error.message += f" (the request was already migrated {self._max_migrations} times)"
@@ -168,9 +213,16 @@ class Orchestrator:
             error.message += " (no other healthy decode instance to migrate the request to)"
             raise error
         logger.warning("request %s: %s; migrating it to another decode instance after %d tokens (attempt %d)",
-                       request.request_id, error.message, len(generated), migrations + 1)
+                       request.request_id, error.message, num_generated, migrations + 1)
         self._metrics.migrations.inc()
-        return request.resumed(migrations, generated)
+
+    def _cancel_choice(self, run: _Run, token: hack_pb2.GeneratedToken) -> None:
+        """A token of a choice the caller stopped: cancel that choice on D (once), unless this token ended it."""
+        if token.finish_reason != hack_pb2.FINISH_REASON_NONE or token.choice in run.cancelled_choices:
+            return
+        run.cancelled_choices.add(token.choice)
+        assert run.decode is not None
+        self._cancel_remote(run.decode, run.request.request_id, token.choice)
 
     async def _prefill_reply(self, run: _Run) -> hack_pb2.PrefillResponse:
         assert run.prefill_task is not None and run.decode is not None
@@ -193,6 +245,7 @@ class Orchestrator:
             max_tokens=request.max_tokens,
             kv_mode=request.kv_mode,
             prompt_token_ids=request.prompt_ids if request.decode_needs_prompt else (),
+            n=request.n,
         )
         failed: list[tuple[Instance, grpc.aio.AioRpcError]] = []
         while True:
@@ -220,13 +273,18 @@ class Orchestrator:
         while True:
             message = await self._next_message(run)
             if message is None:
+                if len(run.finished_choices | run.cancelled_choices) == run.request.n:
+                    return  # the stopped choices were cancelled, every other one finished
                 raise _protocol_error(run.decode, "Generate ended without a finish reason")
             if not message.HasField("token"):
                 raise _protocol_error(run.decode, "Generate sent a second `admitted` message")
             token = message.token
+            if token.choice >= run.request.n or token.choice in run.finished_choices:
+                raise _protocol_error(run.decode, f"Generate sent a token for choice {token.choice} of a request "
+                                                  f"with {run.request.n}, after its finish reason or out of range")
             run.num_tokens += 1
             if token.finish_reason != hack_pb2.FINISH_REASON_NONE:
-                run.finished = True
+                run.finished_choices.add(token.choice)
                 if token.HasField("timers"):
                     self._metrics.observe_decode(token.timers)
             yield token
@@ -280,6 +338,7 @@ class Orchestrator:
             kv_mode=request.kv_mode,
             prompt_logprobs=request.prompt_logprobs,
             stop_token_ids=request.stop_token_ids,
+            n=request.n,
         )
         failed: list[tuple[Instance, grpc.aio.AioRpcError]] = []
         for attempt in range(1, self._max_prefill_attempts + 1):
@@ -368,8 +427,8 @@ class Orchestrator:
             assert run.decode is not None
             self._cancel_remote(run.decode, run.request.request_id)
 
-    def _cancel_remote(self, instance: Instance, request_id: str) -> None:
-        self._keep_in_background(asyncio.create_task(self._send_cancel(instance, request_id),
+    def _cancel_remote(self, instance: Instance, request_id: str, choice: int | None = None) -> None:
+        self._keep_in_background(asyncio.create_task(self._send_cancel(instance, request_id, choice),
                                                      name=f"cancel-{request_id}"))
 
     def _keep_in_background(self, task: asyncio.Task) -> None:
@@ -378,9 +437,10 @@ class Orchestrator:
         task.add_done_callback(self._background.discard)
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    async def _send_cancel(self, instance: Instance, request_id: str) -> None:
+    async def _send_cancel(self, instance: Instance, request_id: str, choice: int | None = None) -> None:
         try:
-            await instance.stub.Cancel(hack_pb2.CancelRequest(request_id=request_id), timeout=self._rpc_timeout_s)
+            await instance.stub.Cancel(hack_pb2.CancelRequest(request_id=request_id, choice=choice),
+                                       timeout=self._rpc_timeout_s)
         except grpc.aio.AioRpcError as error:
             self._pool.report_failure(instance, error)
             logger.info("Cancel(%s) on %s %s failed: %s", request_id, instance.role.value, instance.address,
@@ -396,3 +456,36 @@ def _blames_decode(error: grpc.aio.AioRpcError) -> bool:
 def _protocol_error(instance: Instance, what: str) -> RouterError:
     return RouterError(f"{instance.role.value} instance {instance.address} broke the protocol: {what}",
                        status=502, code="protocol_error")
+
+
+async def _as_choice(index: int, stream: AsyncIterator[hack_pb2.GeneratedToken],
+                     stopped: Set[int]) -> AsyncIterator[hack_pb2.GeneratedToken]:
+    """A one-choice request's tokens as choice `index` of its parent; closed (cancelled) once the caller stopped it."""
+    async with contextlib.aclosing(stream):
+        async for token in stream:
+            if index in stopped:
+                return
+            token.choice = index
+            yield token
+
+
+async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[T]:
+    """Items of several streams as they come. A failing stream fails the merge; closing it closes them all."""
+    pending = {asyncio.ensure_future(anext(stream)): stream for stream in streams}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                stream = pending.pop(future)
+                try:
+                    item = future.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(stream))] = stream
+                yield item
+    finally:
+        for future in pending:
+            future.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()

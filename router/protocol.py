@@ -14,7 +14,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-MAX_N = 16  # choices per request
+from common.sampling import MAX_CHOICES
+
+MAX_N = MAX_CHOICES  # choices per request
 MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's and vLLM's default limit)
 INT32_MAX = 2**31 - 1
 

@@ -3,16 +3,17 @@
 Life cycle of one request:
   1. validate (protocol.py), check the model name, build the prompt ids (chat template for chat),
      check prompt + max_tokens against the context window;
-  2. `Orchestrator.generate` runs it on a decode and a prefill instance and yields token ids;
-  3. `_text_outputs` turns them into text: incremental detokenization, stop strings (a match closes the token
-     stream, which cancels the request on the decode instance), metrics;
+  2. `Orchestrator.generate` runs it on a decode and a prefill instance and yields token ids (with n > 1 the
+     choices share one prefill and one KV push; their tokens come interleaved, tagged with their choice);
+  3. `_text_outputs` turns them into text, each choice on its own: incremental detokenization, stop strings (a
+     match stops that choice, which cancels it on the decode instance; the last one closes the token stream),
+     metrics;
   4. non-streaming: collect into one response; streaming: wait for the first output before answering, so a
      request that fails before producing anything gets a proper HTTP error, then send SSE chunks. A failure
      after that ends the stream with an error event, then `[DONE]`.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -20,8 +21,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
-
 from pydantic import BaseModel
 from transformers import PreTrainedTokenizerBase
 
@@ -60,7 +59,6 @@ from router.protocol import (
 from router.tokenization import ModelInfo, encode_chat_prompt, encode_completion_prompt
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 _FINISH_REASONS: dict[int, FinishReason | None] = {
     hack_pb2.FINISH_REASON_NONE: None,
@@ -261,28 +259,19 @@ class OpenAIServing:
         self, id_prefix: str, request: GenerationParams, encode_prompt: Callable[[], list[int]]
     ) -> tuple[str, list[_Choice]]:
         """Check the request against the model and build what the instances need (a 4xx when it does not fit):
-        the response id and one generation per choice, choice i seeded with seed + i (as vLLM's parallel
-        sampling). With n > 1 choice i runs as request `<id>-<i>`."""
+        the response id and how each choice's output is shaped. The n choices run as one generation (one
+        prefill), choice i seeded with seed + i on the instances (as vLLM's parallel sampling)."""
         try:
             self._check_model(request.model)
             self.note_ignored_fields(request.ignored_fields)
             request_id = f"{id_prefix}-{uuid.uuid4().hex}"
-            base = self._generation_request(request_id, request, encode_prompt())
+            generation = self._generation_request(request_id, request, encode_prompt())
         except RouterError:
             self._metrics.requests.labels("invalid").inc()
             raise
-        choices = []
-        for index in range(request.n):
-            sampling = hack_pb2.SamplingParams()
-            sampling.CopyFrom(base.sampling)
-            if request.seed is not None:
-                sampling.seed = (request.seed + index) % 2**64
-            choice_id = request_id if request.n == 1 else f"{request_id}-{index}"
-            generation = replace(base, request_id=choice_id, sampling=sampling)
-            choices.append(_Choice(index, generation, request.stop_strings, request.include_stop_str_in_output,
-                                   request.min_tokens, request.top_logprobs_count() is not None,
-                                   discard_output=request.scores_prompt_only))
-        return request_id, choices
+        return request_id, [_Choice(index, generation, request.stop_strings, request.include_stop_str_in_output,
+                                    request.min_tokens, request.top_logprobs_count() is not None,
+                                    discard_output=request.scores_prompt_only) for index in range(request.n)]
 
     def _checked_messages(self, request: ChatCompletionRequest) -> list[dict[str, str]]:
         if len(request.messages) > self._config.max_messages:
@@ -343,6 +332,7 @@ class OpenAIServing:
             max_tokens=max_tokens,
             kv_mode=kv_mode_to_proto(request.kv_mode or self._config.kv_mode),
             prompt_logprobs=request.prompt_logprobs_count(),
+            n=request.n,
         )
 
     @staticmethod
@@ -371,15 +361,11 @@ class OpenAIServing:
 
     # ------------------------------------------------------------ tokens to text
 
-    def _outputs(self, choices: list[_Choice], arrival: float) -> AsyncIterator[TextOutput]:
-        return _merge([self._text_outputs(choice, arrival) for choice in choices])
-
-    async def _text_outputs(self, choice: _Choice, arrival: float) -> AsyncIterator[TextOutput]:
-        """Text deltas of one choice; the last one carries the finish reason. Counts the request's outcome."""
-        generation = choice.generation
-        detokenizer = IncrementalDetokenizer(self._tokenizer, generation.prompt_ids)
-        stops = StopStringMatcher(choice.stop_strings, choice.include_stop)
-        latency = _LatencyRecorder(self._metrics, arrival)
+    async def _outputs(self, choices: list[_Choice], arrival: float) -> AsyncIterator[TextOutput]:
+        """Text deltas of every choice as they come; each choice's last one carries its finish reason. Counts
+        the request's outcome."""
+        generation = choices[0].generation  # one generation for all n choices
+        texts = [_ChoiceText(self._tokenizer, choice, _LatencyRecorder(self._metrics, arrival)) for choice in choices]
         self._metrics.prompt_tokens.inc(len(generation.prompt_ids))
         prompt_scores: list[ScoredToken] = []
 
@@ -391,43 +377,64 @@ class OpenAIServing:
                                  zip(generation.prompt_ids, [None, *reply.prompt_logprobs]))
 
         status = "cancelled"
+        stopped: set[int] = set()  # choices that finished here: the orchestrator cancels them on D
         try:
             tokens = self._orchestrator.generate(
-                generation, on_prefill if generation.prompt_logprobs is not None else None)
+                generation, on_prefill if generation.prompt_logprobs is not None else None, stopped)
             async with contextlib.aclosing(tokens):
-                num_tokens = 0
                 async for token in tokens:
-                    num_tokens += 1
-                    latency.token_arrived()
-                    finish = _FINISH_REASONS.get(token.finish_reason, "stop")  # a reason added to the proto later
-                    if choice.discard_output:  # max_tokens 0: only the echoed prompt is the output
-                        finish, num_tokens = "length", 0
-                        scored: list[ScoredToken] = []
-                        text = ""
-                    else:
-                        scored = [ScoredToken(token.token_id, token.logprobs)] if choice.want_logprobs else []
-                        text = stops.feed(_token_text(detokenizer, token.token_id, finish),
-                                          check=num_tokens > choice.min_tokens)
-                    if stops.stopped:
-                        finish = "stop"
-                    elif finish is not None:
-                        text += stops.flush()
-                    if num_tokens <= 1 and choice.echo_text:
-                        text = choice.echo_text + text
-                        scored = prompt_scores + scored if choice.want_logprobs else scored
-                    if finish is not None:
+                    output = texts[token.choice].feed(token, prompt_scores)
+                    if output is None:
+                        continue
+                    if output.finish_reason is not None:
+                        stopped.add(token.choice)
+                        self._metrics.generation_tokens.inc(output.num_tokens)
+                    yield output
+                    if len(stopped) == len(choices):
                         status = "success"
-                        latency.finished()
-                        self._metrics.generation_tokens.inc(num_tokens)
-                    if text or scored or finish is not None:
-                        yield TextOutput(choice.index, text, finish, num_tokens, tuple(scored))
-                    if finish is not None:
                         return  # leaving `aclosing` cancels the request on D when a stop string ended it
         except RouterError as error:
             status = "invalid" if error.status < 500 else "failed"
             raise
         finally:
             self._metrics.requests.labels(status).inc()
+
+
+class _ChoiceText:
+    """One choice's tokens to text: incremental detokenization, stop strings, echo, logprobs, latency."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, choice: _Choice, latency: "_LatencyRecorder") -> None:
+        self.choice, self.latency = choice, latency
+        self.detokenizer = IncrementalDetokenizer(tokenizer, choice.generation.prompt_ids)
+        self.stops = StopStringMatcher(choice.stop_strings, choice.include_stop)
+        self.num_tokens = 0
+
+    def feed(self, token: hack_pb2.GeneratedToken, prompt_scores: list[ScoredToken]) -> TextOutput | None:
+        """The text delta of one more token (None when it adds nothing); its finish reason when it ends the choice."""
+        choice, stops = self.choice, self.stops
+        self.num_tokens += 1
+        self.latency.token_arrived()
+        finish = _FINISH_REASONS.get(token.finish_reason, "stop")  # a reason added to the proto later
+        if choice.discard_output:  # max_tokens 0: only the echoed prompt is the output
+            finish, self.num_tokens = "length", 0
+            scored: list[ScoredToken] = []
+            text = ""
+        else:
+            scored = [ScoredToken(token.token_id, token.logprobs)] if choice.want_logprobs else []
+            text = stops.feed(_token_text(self.detokenizer, token.token_id, finish),
+                              check=self.num_tokens > choice.min_tokens)
+        if stops.stopped:
+            finish = "stop"
+        elif finish is not None:
+            text += stops.flush()
+        if self.num_tokens <= 1 and choice.echo_text:
+            text = choice.echo_text + text
+            scored = prompt_scores + scored if choice.want_logprobs else scored
+        if finish is not None:
+            self.latency.finished()
+        if text or scored or finish is not None:
+            return TextOutput(choice.index, text, finish, self.num_tokens, tuple(scored))
+        return None
 
 
 def _token_text(detokenizer: IncrementalDetokenizer, token_id: int, finish: FinishReason | None) -> str:
@@ -480,28 +487,6 @@ async def _collect(outputs: AsyncIterator[TextOutput], n: int) -> list[_Collecte
     for choice, texts in zip(collected, parts):
         choice.text = "".join(texts)
     return collected
-
-
-async def _merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[T]:
-    """Items of several streams as they come. A failing stream fails the merge; closing it closes them all."""
-    pending = {asyncio.ensure_future(anext(stream)): stream for stream in streams}
-    try:
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for future in done:
-                stream = pending.pop(future)
-                try:
-                    item = future.result()
-                except StopAsyncIteration:
-                    continue
-                pending[asyncio.ensure_future(anext(stream))] = stream
-                yield item
-    finally:
-        for future in pending:
-            future.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        for stream in streams:
-            await stream.aclose()
 
 
 async def _event_stream(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import grpc
 import httpx
 import openai
 import pytest
@@ -17,6 +18,7 @@ from common.kv.factory import make_kv_backend
 from common.kv.interface import ForwardBatch
 from common.loader import load_model
 from common.sampling import SamplingParams
+from proto import hack_pb2, hack_pb2_grpc
 
 pytestmark = pytest.mark.slow
 
@@ -70,20 +72,35 @@ def token_id(cluster, text: str) -> int:
     return ids[0]
 
 
-def test_n_choices_are_different_and_reproducible_with_a_seed(client, MODEL):
-    def ask():
-        return client.completions.create(model=MODEL, prompt="Once upon", max_tokens=8, n=3, temperature=0.8,
-                                         seed=11, extra_body={"ignore_eos": True})
+def prefill_counters(cluster) -> hack_pb2.Counters:
+    with grpc.insecure_channel(cluster.by_role("prefill")[0].address) as channel:
+        return hack_pb2_grpc.PrefillServiceStub(channel).Stats(hack_pb2.StatsRequest()).counters
 
-    first, again = ask(), ask()
+
+def test_n_choices_are_different_and_reproducible_with_a_seed(client, cluster, MODEL):
+    def ask(**fields):
+        return client.completions.create(model=MODEL, prompt="Once upon", max_tokens=8, n=3, seed=11,
+                                         extra_body={"ignore_eos": True}, **fields)
+
+    before = prefill_counters(cluster)
+    first = ask(temperature=0.8)
+    assert prefill_counters(cluster).requests_total == before.requests_total + 1  # one prefill for 3 choices
+    again = ask(temperature=0.8)
     texts = [c.text for c in sorted(first.choices, key=lambda c: c.index)]
     assert len(set(texts)) == 3
     assert texts == [c.text for c in sorted(again.choices, key=lambda c: c.index)]
-    assert first.usage.completion_tokens == 24
+    prompt_len = httpx.post(f"{cluster.url}/tokenize", json={"prompt": "Once upon"}).json()["count"]
+    assert first.usage.completion_tokens == 24 and first.usage.prompt_tokens == prompt_len  # the prompt once
+    greedy = ask(temperature=0)
+    assert len({c.text for c in greedy.choices}) == 1
     streamed = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2,
-                                              max_tokens=4, seed=3, stream=True, extra_body={"ignore_eos": True})
-    indexes = {choice.index for chunk in streamed for choice in chunk.choices}
-    assert indexes == {0, 1}
+                                              max_tokens=4, seed=3, stream=True, extra_body={"ignore_eos": True},
+                                              stream_options={"include_usage": True})
+    chunks = list(streamed)
+    indexes = [choice.index for chunk in chunks for choice in chunk.choices]
+    assert set(indexes) == {0, 1} and indexes[:2] == [0, 1]  # the role preambles, in choice order
+    finished = [choice.index for chunk in chunks for choice in chunk.choices if choice.finish_reason]
+    assert sorted(finished) == [0, 1] and chunks[-1].usage.completion_tokens == 8
 
 
 def test_prompt_scoring_equals_the_models_log_softmax(client, loaded, MODEL):

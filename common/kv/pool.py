@@ -140,6 +140,25 @@ class KVPool:
         index = torch.tensor([rows, columns, pages], dtype=torch.int64).to(self.device, non_blocking=True)
         self._table[index[0], index[1]] = index[2].to(torch.int32)
 
+    def fork(self, src: int, dsts: list[int]) -> None:
+        """Give each new sequence of dsts a copy of src's KV (the n choices of one prompt): pages and state slot
+        allocated (all or nothing, KVCacheFull) and filled with src's bytes, one gather and scatter per tensor."""
+        seq = self._seq(src)
+        taken = [d for d in dsts if d in self._seqs or d == src]
+        if taken:
+            raise ValueError(f"sequences {taken} already exist")
+        self.allocate({dst: seq.num_tokens for dst in dsts})
+        src_pages = self.page_tensor(src).repeat(len(dsts))
+        dst_pages = torch.cat([self.page_tensor(dst) for dst in dsts])
+        dst_slots = [self._seqs[dst].slot for dst in dsts]
+        state_names = self.layout.state_shapes().keys()
+        for cache in self.layers:
+            for name, tensor in cache.items():
+                if name in state_names:
+                    tensor[dst_slots] = tensor[seq.slot].clone()
+                else:
+                    tensor.index_copy_(0, dst_pages, tensor.index_select(0, src_pages))
+
     def free(self, seq_id: int) -> None:
         seq = self._seqs.pop(seq_id, None)
         if seq is None:

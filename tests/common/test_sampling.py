@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.sampling import Sampler, SamplingParams, TokenHistory, filtered_probabilities
+from common.sampling import Sampler, SamplingParams, TokenHistory, choice_params, filtered_probabilities
 
 
 def test_greedy_takes_argmax() -> None:
@@ -174,3 +174,12 @@ def test_a_resumed_request_draws_what_the_uninterrupted_one_drew() -> None:
     sampler = Sampler()
     draws = [sampler.sample(logits[:1], [whole], [position])[0] for position in range(7, 12)]
     assert [sampler.sample(logits[:1], [resumed], [i])[0] for i in range(5)] == draws
+
+
+def test_choices_differ_only_by_their_seeds() -> None:
+    seeded = SamplingParams(temperature=0.8, seed=2**64 - 2, top_k=5)
+    assert [p.seed for p in choice_params(seeded, 3)] == [2**64 - 2, 2**64 - 1, 0]
+    assert all(p.top_k == 5 for p in choice_params(seeded, 3))
+    assert choice_params(SamplingParams(), 2) == [SamplingParams()] * 2  # unseeded: each draws its own noise
+    with pytest.raises(ValueError, match="n"):
+        choice_params(seeded, 0)

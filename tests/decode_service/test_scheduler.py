@@ -138,3 +138,24 @@ def test_preemption_without_swap_space_fails_the_request_and_frees_its_blocks() 
 def test_a_request_that_could_never_fit_alone_is_refused() -> None:
     with pytest.raises(AdmissionError, match="more than this instance's 3"):
         scheduler(total_blocks=3).admit("a", 30, greedy(200))
+
+
+def test_choices_are_admitted_together_with_a_copy_of_the_prompt_each_and_end_one_by_one() -> None:
+    s = scheduler(total_blocks=7, max_seqs=4)
+    seeded = SamplingParams(max_tokens=5, temperature=0.8, seed=41)
+    with pytest.raises(AdmissionError, match="8 KV blocks and 4 sequence slots"):
+        s.admit_choices("big", 40, seeded, 4)  # 2 pages per choice
+    assert s.free_blocks == 7 and not s.requests
+    choices = s.admit_choices("r", 40, seeded, 3)
+    assert [c.choice for c in choices] == [0, 1, 2] and [c.params.seed for c in choices] == [41, 42, 43]
+    assert len({c.seq_id for c in choices}) == 3 and s.free_blocks == 1
+    assert s.get("r") == choices
+    with pytest.raises(ValueError, match="already admitted"):
+        s.admit_choices("r", 4, seeded, 2)
+    with pytest.raises(ValueError, match=r"n \(choices\) must be in \[1, 16\]"):
+        s.admit_choices("z", 4, seeded, 17)
+    for choice in choices[:2]:
+        s.finish(choice)
+    assert s.get("r") == choices and s.free_blocks == 5  # one choice still holds its pages
+    s.finish(choices[2])
+    assert s.get("r") is None and s.free_blocks == 7

@@ -61,3 +61,19 @@ def test_a_failing_forward_frees_the_pool(loaded) -> None:
     with pytest.raises(ConnectionError):
         PrefillWorker(loaded, kv).run([1], [[5, 6, 7]], [SamplingParams()], broken_sender)
     assert kv.pool.used_blocks == 0 and kv.pool.num_seqs == 0
+
+
+def test_each_choice_samples_its_first_token_with_seed_plus_its_index(loaded) -> None:
+    prompts = [torch.randint(3, SPEC.vocab_size, (n,)).tolist() for n in (9, 30)]
+    seeded = SamplingParams(temperature=1.5, seed=5, logprobs=2)
+    worker = PrefillWorker(loaded, backend(loaded, "hack"))
+    ignore = lambda *args: None  # noqa: E731 - the KV is not looked at here
+    forked = worker.run([1, 2], prompts, [seeded, seeded], ignore, choices=[4, 1])
+    assert [len(output.first_tokens) for output in forked] == [4, 1]
+    alone = [worker.run([3], prompts[:1], [SamplingParams(temperature=1.5, seed=5 + i, logprobs=2)], ignore)[0]
+             for i in range(4)]
+    assert forked[0].first_tokens == tuple(output.first_token for output in alone)
+    for logprobs, output in zip(forked[0].first_logprobs, alone):  # the same up to the batch's float rounding
+        assert logprobs.top_ids == output.first_logprobs[0].top_ids
+        assert logprobs.logprob == pytest.approx(output.first_logprobs[0].logprob, abs=1e-5)
+    assert len(set(forked[0].first_tokens)) > 1  # temperature 1.5 over a random model's logits

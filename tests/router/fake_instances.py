@@ -2,7 +2,8 @@
 
 They follow the real contract end to end: the fake decode admits a request, waits for its KV, then streams
 the first token (from the KV header) and a scripted continuation; the fake prefill pushes a header and one
-checksummed block to the decode address it is given, as a real prefill instance does. Knobs make them fail
+checksummed block to the decode address it is given, as a real prefill instance does. With n > 1 every choice
+follows the same script (its first token from the trailer's first_tokens), interleaved. Knobs make them fail
 the ways the router must handle, and they record what reached them (requests, Cancel calls, cancellations).
 """
 from __future__ import annotations
@@ -38,9 +39,11 @@ class FakeDecode(hack_pb2_grpc.DecodeServiceServicer):
     kv_address: str = ""  # advertised in Stats
     generate_requests: list[hack_pb2.GenerateRequest] = field(default_factory=list)
     cancel_calls: list[str] = field(default_factory=list)
+    cancelled_choices: list[tuple[str, int]] = field(default_factory=list)  # Cancel calls for one choice
     cancelled_streams: list[str] = field(default_factory=list)  # Generate calls the client cancelled
     kv_headers: list[hack_pb2.KVHeader] = field(default_factory=list)
-    _waiting: dict[str, asyncio.Future[int]] = field(default_factory=dict)
+    _waiting: dict[str, asyncio.Future[list[int]]] = field(default_factory=dict)
+    _stopped: dict[str, set[int]] = field(default_factory=dict)  # choices cancelled one by one
 
     async def Generate(
         self, request: hack_pb2.GenerateRequest, context: Context
@@ -54,41 +57,50 @@ class FakeDecode(hack_pb2_grpc.DecodeServiceServicer):
                 admitted=hack_pb2.Admitted(reserved_kv_blocks=math.ceil(request.prompt_len / BLOCK_SIZE))
             )
             try:
-                token = await asyncio.wait_for(first_token, KV_WAIT_TIMEOUT_S)
+                tokens = await asyncio.wait_for(first_token, KV_WAIT_TIMEOUT_S)
             except asyncio.TimeoutError:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no KV arrived")
             except RuntimeError:
                 await context.abort(self.refuse_kv_with, "fake decode refused the KV")
             # A resumed (migrated) request continues the script where the first attempt stopped.
             continuation = self.continuation[request.sampling.position_offset:]
-            async for message in self._tokens(request, [token, *continuation], context):
+            stopped = self._stopped.setdefault(request.request_id, set())
+            async for message in self._tokens(request, [[token, *continuation] for token in tokens], stopped,
+                                              context):
                 yield message
         except asyncio.CancelledError:
             self.cancelled_streams.append(request.request_id)
             raise
         finally:
             self._waiting.pop(request.request_id, None)
+            self._stopped.pop(request.request_id, None)
 
     async def _tokens(
-        self, request: hack_pb2.GenerateRequest, script: list[int], context: Context
+        self, request: hack_pb2.GenerateRequest, scripts: list[list[int]], stopped: set[int], context: Context
     ) -> AsyncIterator[hack_pb2.GenerateResponse]:
-        for count, token in enumerate(script, start=1):
+        finished: set[int] = set()
+        for count in range(1, len(scripts[0]) + 1):
             if self.fail_after_tokens is not None and count > self.fail_after_tokens:
                 await context.abort(self.fail_code, "fake decode crashed")
-            finish = hack_pb2.FINISH_REASON_NONE
-            if token in request.stop_token_ids:
-                finish = hack_pb2.FINISH_REASON_STOP
-            elif count == request.max_tokens:
-                finish = hack_pb2.FINISH_REASON_LENGTH
-            message = hack_pb2.GeneratedToken(
-                token_id=token, finish_reason=finish,
-                timing=hack_pb2.TokenTiming(step_s=0.001 if count > 1 else 0.0, batch_size=int(count > 1)),
-            )
-            if finish != hack_pb2.FINISH_REASON_NONE:
-                message.timers.CopyFrom(hack_pb2.DecodeTimers(kv_wait_s=0.002, queue_s=0.001, decode_s=0.01,
-                                                              num_steps=count - 1, max_batch_size=1))
-            yield hack_pb2.GenerateResponse(token=message)
-            if finish != hack_pb2.FINISH_REASON_NONE:
+            for choice, script in enumerate(scripts):
+                if choice in finished or choice in stopped:
+                    continue
+                token = script[count - 1]
+                finish = hack_pb2.FINISH_REASON_NONE
+                if token in request.stop_token_ids:
+                    finish = hack_pb2.FINISH_REASON_STOP
+                elif count == request.max_tokens:
+                    finish = hack_pb2.FINISH_REASON_LENGTH
+                message = hack_pb2.GeneratedToken(
+                    token_id=token, finish_reason=finish, choice=choice,
+                    timing=hack_pb2.TokenTiming(step_s=0.001 if count > 1 else 0.0, batch_size=int(count > 1)),
+                )
+                if finish != hack_pb2.FINISH_REASON_NONE:
+                    finished.add(choice)
+                    message.timers.CopyFrom(hack_pb2.DecodeTimers(kv_wait_s=0.002, queue_s=0.001, decode_s=0.01,
+                                                                  num_steps=count - 1, max_batch_size=1))
+                yield hack_pb2.GenerateResponse(token=message)
+            if len(finished | stopped) == len(scripts):
                 return
             await asyncio.sleep(self.token_delay_s)
         await context.abort(grpc.StatusCode.INTERNAL, "fake decode ran out of scripted tokens")
@@ -107,7 +119,7 @@ class FakeDecode(hack_pb2_grpc.DecodeServiceServicer):
                 header = chunk.header
                 continue
             if chunk.HasField("trailer"):
-                first_token = chunk.trailer.first_token
+                first_token = list(chunk.trailer.first_tokens) or [chunk.trailer.first_token]
                 continue
             data = chunk.block.data
             if zlib.crc32(data[:-4]) != int.from_bytes(data[-4:], "little"):
@@ -120,7 +132,11 @@ class FakeDecode(hack_pb2_grpc.DecodeServiceServicer):
         return hack_pb2.PushKVResponse(blocks_received=blocks, bytes_received=num_bytes)
 
     async def Cancel(self, request: hack_pb2.CancelRequest, context: Context) -> hack_pb2.CancelResponse:
-        self.cancel_calls.append(request.request_id)
+        if request.HasField("choice"):
+            self.cancelled_choices.append((request.request_id, request.choice))
+            self._stopped.get(request.request_id, set()).add(request.choice)
+        else:
+            self.cancel_calls.append(request.request_id)
         return hack_pb2.CancelResponse(found=request.request_id in self._waiting)
 
     async def Stats(self, request: hack_pb2.StatsRequest, context: Context) -> hack_pb2.StatsResponse:
@@ -133,6 +149,7 @@ class FakeDecode(hack_pb2_grpc.DecodeServiceServicer):
 class FakePrefill(hack_pb2_grpc.PrefillServiceServicer):
     first_token: int
     script: Sequence[int] = ()  # when set, the first token of a request resumed at output position i is script[i]
+    choice_first_tokens: Sequence[int] = ()  # n > 1: each choice's first token (default: first_token for all)
     fail_with: grpc.StatusCode | None = None
     delay_s: float = 0.0
     push_security: TransportSecurity | None = None  # token and TLS of its PushKV channel, as a real prefill's
@@ -148,7 +165,8 @@ class FakePrefill(hack_pb2_grpc.PrefillServiceServicer):
         header = hack_pb2.KVHeader(request_id=request.request_id, num_tokens=len(request.token_ids), model="fake",
                                    kv_mode=request.kv_mode, format_version=1, block_size=BLOCK_SIZE, num_blocks=1)
         first_token = self.script[request.sampling.position_offset] if self.script else self.first_token
-        trailer = hack_pb2.KVTrailer(first_token=first_token)
+        first_tokens = list(self.choice_first_tokens[:request.n]) or [first_token] * request.n
+        trailer = hack_pb2.KVTrailer(first_token=first_tokens[0], first_tokens=first_tokens if request.n > 1 else ())
         async with (self.push_security or TransportSecurity()).channel(request.decode_address) as channel:
             stub = hack_pb2_grpc.DecodeServiceStub(channel)
             try:

@@ -99,6 +99,14 @@ def parse_sse(body: str) -> list[dict | str]:
     return [event if event == "[DONE]" else json.loads(event) for event in events]
 
 
+async def leave_after_first_chunk(client: httpx.AsyncClient, url: str, body: dict) -> None:
+    """Stream a request and hang up once its first SSE chunk arrived (a client gone mid-stream)."""
+    async with client.stream("POST", url, json=body) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                return  # leaving the block closes the connection
+
+
 async def eventually(condition: Callable[[], object], timeout_s: float = 3.0) -> None:
     """Wait until condition() is truthy (things the router does in the background, like Cancel RPCs)."""
     async with asyncio.timeout(timeout_s):

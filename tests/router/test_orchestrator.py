@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.router.fake_instances import FakeDecode, FakePrefill, serve
-from tests.router.harness import EOS, cluster, eventually, parse_sse, script
+from tests.router.harness import EOS, cluster, eventually, leave_after_first_chunk, parse_sse, script
 
 pytestmark = pytest.mark.anyio
 
@@ -115,10 +115,7 @@ async def test_client_disconnect_mid_stream_cancels_on_the_decode(byte_model, by
     first, rest = script(byte_tokenizer, TEXT * 20)
     decode = FakeDecode(rest, token_delay_s=0.05)
     async with cluster(byte_model, [FakePrefill(first)], [decode]) as c:
-        async with c.client.stream("POST", "/v1/completions", json=completion(stream=True, max_tokens=200)) as r:
-            async for line in r.aiter_lines():
-                if line.startswith("data: "):
-                    break  # one chunk received; leaving the block closes the connection
+        await leave_after_first_chunk(c.client, "/v1/completions", completion(stream=True, max_tokens=200))
         await eventually(lambda: decode.cancel_calls and decode.cancelled_streams)
     request_id = decode.generate_requests[0].request_id
     assert decode.cancel_calls == [request_id] and decode.cancelled_streams == [request_id]

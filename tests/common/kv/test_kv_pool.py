@@ -87,3 +87,35 @@ def test_unknown_sequence_in_block_tables_is_an_error() -> None:
 def test_pool_tensors_start_zeroed_on_the_requested_device() -> None:
     pool = _pool()
     assert all(t.device == torch.device("cpu") and not t.any() for t in pool.layers[1].values())
+
+
+@pytest.mark.parametrize("mode", ["hack", "fp16"])
+def test_fork_copies_pages_and_state_into_new_sequences(mode: str) -> None:
+    pool = _pool(num_blocks=8, mode=mode)
+    pool.allocate({1: 4 + 70})  # two pages, the second partial
+    for cache in pool.layers:
+        for tensor in cache.values():
+            tensor.copy_(torch.randint(0, 100, tensor.shape).to(tensor.dtype))
+    pool.fork(1, [2, 3])
+    assert [pool.num_tokens(s) for s in (1, 2, 3)] == [74, 74, 74] and pool.used_blocks == 6
+    state = pool.layout.state_shapes()
+    for cache in pool.layers:
+        for name, tensor in cache.items():
+            if name in state:
+                slots = pool.state_slots([1, 2, 3]).tolist()
+                assert all(torch.equal(tensor[slots[0]], tensor[slot]) for slot in slots[1:])
+            else:
+                pages = [pool.page_tensor(s) for s in (1, 2, 3)]
+                assert all(torch.equal(tensor[pages[0]], tensor[p]) for p in pages[1:])
+    pool.free(1)  # the copies own their pages: the source may go first
+    assert pool.used_blocks == 4
+
+
+def test_fork_is_all_or_nothing_and_refuses_live_targets() -> None:
+    pool = _pool(num_blocks=5, max_seqs=3)
+    pool.allocate({1: 4 + 100})  # two pages
+    with pytest.raises(KVCacheFull):
+        pool.fork(1, [2, 3])  # four more pages, three free
+    assert pool.used_blocks == 2 and 2 not in pool and 3 not in pool
+    with pytest.raises(ValueError, match="already exist"):
+        pool.fork(1, [1])
