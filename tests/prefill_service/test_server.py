@@ -86,7 +86,7 @@ def test_an_after_forward_push_sends_the_same_kv_once_the_forward_is_done(model_
     tokens, timings = asyncio.run(scenario("after-forward"))
     assert tokens == layerwise_tokens and timings.kv_bytes == layerwise.kv_bytes
     # The whole push follows the forward: the time past it is the link's (a layer-wise one overlaps the two).
-    assert 0.24 <= timings.kv_transfer_s - timings.prefill_compute_s < 2.0
+    assert 0.24 <= timings.kv_transfer_s - timings.prefill_compute_s < 5.0  # the top: room for a loaded CPU
 
 
 def test_cancel_stops_a_prefill_and_its_push(model_dir) -> None:
