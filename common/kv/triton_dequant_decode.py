@@ -58,7 +58,8 @@ def _dequant_decode_kernel(
     sink_k_ptr, sink_v_ptr, tail_k_ptr, tail_v_ptr,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, PD: tl.constexpr,
     PI: tl.constexpr, BS: tl.constexpr, BITS: tl.constexpr, NUM_SINKS: tl.constexpr, SINK_BLOCK: tl.constexpr,
-    KEY_CHANNEL: tl.constexpr, REQUANT_ELIM: tl.constexpr, SPLIT: tl.constexpr, FLOAT_DOT: tl.constexpr,
+    WINDOW: tl.constexpr, KEY_CHANNEL: tl.constexpr, REQUANT_ELIM: tl.constexpr, SPLIT: tl.constexpr,
+    FLOAT_DOT: tl.constexpr,
 ):
     split = tl.program_id(0)
     head = tl.program_id(1)
@@ -67,7 +68,7 @@ def _dequant_decode_kernel(
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int64)
     state_row = tl.load(state_slots_ptr + seq).to(tl.int64) * HKV + head
     block_table = block_tables_ptr + seq * stride_table
-    n_sinks, n_paged, n_tail = stored_split(seq_len, NUM_SINKS, PI, REQUANT_ELIM)
+    n_sinks, n_paged, n_tail = stored_split(seq_len, NUM_SINKS, PI, REQUANT_ELIM, WINDOW)
 
     rows = tl.arange(0, BLOCK_M)
     row_mask = rows < G
@@ -89,7 +90,7 @@ def _dequant_decode_kernel(
 
     m_i, l_i, acc = attend_sinks_and_tail(q3, seq_len, split, num_splits, m_i, l_i, acc, scale_log2, state_row,
                                           n_sinks, n_paged, n_tail, sink_k_ptr, sink_v_ptr, tail_k_ptr, tail_v_ptr,
-                                          D, PD, PI, NUM_SINKS, SINK_BLOCK, REQUANT_ELIM, FLOAT_DOT, True)
+                                          D, PD, PI, NUM_SINKS, SINK_BLOCK, WINDOW, REQUANT_ELIM, FLOAT_DOT, True)
     store_decode_output(acc, m_i, l_i, out_ptr, stride_ob, stride_oh, part_out_ptr, part_max_ptr, part_sum_ptr,
                         seq, split, num_splits, q_heads, row_mask, HKV * G, D, SPLIT)
 

@@ -115,12 +115,14 @@ def tile_page(block_table_row, first_index, BLOCK_SIZE: tl.constexpr):
 
 
 @triton.jit
-def stored_split(seq_len, NUM_SINKS: tl.constexpr, PARTITION: tl.constexpr, REQUANT_ELIM: tl.constexpr):
-    """(sinks, paged, tail) token counts as attention reads them: reference.stored_split."""
+def stored_split(seq_len, NUM_SINKS: tl.constexpr, PARTITION: tl.constexpr, REQUANT_ELIM: tl.constexpr,
+                 WINDOW: tl.constexpr):
+    """(sinks, paged, tail) token counts as attention reads them: reference.stored_split. The tail holds the
+    open partition and the WINDOW newest tokens (format.quantized_count)."""
     n_sinks = tl.minimum(seq_len, NUM_SINKS)
     rest = seq_len - n_sinks
     if REQUANT_ELIM:
-        n_tail = rest % PARTITION
+        n_tail = rest - tl.maximum(rest - WINDOW, 0) // PARTITION * PARTITION
     else:
         n_tail = rest * 0
     return n_sinks, rest - n_tail, n_tail

@@ -157,3 +157,17 @@ def attend_state_tile(q3, q_pos, m_i, l_i, acc, scale_log2, state_k_ptr, state_v
                      mask=valid[:, None], other=0.0)
     visible = valid[None, :] & ((first_pos + tokens)[None, :] <= q_pos)
     return float_attend_tile(q3, keys, values, visible, m_i, l_i, acc, scale_log2, FLOAT_DOT, FP16)
+
+
+@triton.jit
+def attend_tail(q3, q_pos, m_i, l_i, acc, scale_log2, tail_k_ptr, tail_v_ptr, state_row, first_pos, n_tail,
+                PI: tl.constexpr, WINDOW: tl.constexpr, D: tl.constexpr, PD: tl.constexpr, FLOAT_DOT: tl.constexpr,
+                FP16: tl.constexpr):
+    """Online-softmax update with the 16-bit tail of one (sequence, KV head): its n_tail tokens (the open
+    partition and the 16-bit window, Π + WINDOW rows per state row) at positions first_pos..., in tiles of Π."""
+    first_row = state_row * (PI + WINDOW)
+    for chunk in range(0, tl.cdiv(n_tail, PI)):
+        m_i, l_i, acc = attend_state_tile(q3, q_pos, m_i, l_i, acc, scale_log2, tail_k_ptr, tail_v_ptr,
+                                          first_row + chunk * PI, first_pos + chunk * PI, n_tail - chunk * PI, PI,
+                                          D, PD, FLOAT_DOT, FP16)
+    return m_i, l_i, acc

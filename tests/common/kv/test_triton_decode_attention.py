@@ -27,6 +27,10 @@ CASES = [
     pytest.param(KVConfig(**PAPER_SETTING, partition=128, bits=8, key_axis="channel", num_sinks=0, requant_elimination=False,
                           sum_elimination=False), 4, 1, 128,
                  [1, 17, 130], 2, id="gqa1-8bit-ablations-2splits"),
+    pytest.param(KVConfig(partition=32, num_sinks=2, window=40, rotate=False), 1, 3, 32, [1, 17, 130], 2,
+                 id="gqa3-window-2splits"),  # the default format's 16-bit window: a tail of Π + 40 rows
+    pytest.param(KVConfig(partition=32, num_sinks=1, window=40, rotate=False, requant_elimination=False), 1, 3, 32,
+                 [1, 17, 130], 1, id="gqa3-window-requant"),
 ]
 
 

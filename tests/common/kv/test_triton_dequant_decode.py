@@ -19,6 +19,8 @@ CASES = [
     pytest.param(KVConfig(**PAPER_SETTING, partition=64, bits=4, key_axis="channel", num_sinks=0, requant_elimination=False), 1, 8,
                  128,
                  [1, 17, 130], None, id="gqa8-channel-4bit-requant"),
+    pytest.param(KVConfig(partition=32, num_sinks=2, window=40, rotate=False), 1, 3, 32, [1, 17, 130], 2,
+                 id="gqa3-window-2splits"),
 ]
 
 

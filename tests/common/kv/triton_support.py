@@ -27,7 +27,7 @@ ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 KERNEL_PACKAGE = "common.kv"
 KERNEL_MODULES = ("triton_helpers", "triton_tiles", "triton_quantize_append", "triton_decode_attention",
-                  "triton_prefill_attention", "triton_dequant_decode")
+                  "triton_prefill_attention", "triton_dequant_decode", "triton_dequant_prefill")
 
 
 class Tolerance(NamedTuple):
