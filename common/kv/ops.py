@@ -176,4 +176,4 @@ def _check_name(name: str) -> None:
 def _warn_fallback(name: str, reason: str) -> None:
     if (name, reason) not in _warned:
         _warned.add((name, reason))
-        log.warning("KV op %s runs the torch reference: %s", name, reason)
+        log.warning("KV op %s falls back to the torch ops (no kernel): %s", name, reason)

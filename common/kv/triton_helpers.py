@@ -152,9 +152,10 @@ def check_cache(cache: dict[str, torch.Tensor], config: KVConfig, num_kv_heads: 
     """Every page and state tensor of one compressed layer is present, contiguous and shaped as format.py says."""
     if not config.compressed:
         raise ValueError(f"the HACK kernels need a compressed KV mode, got {config.mode!r}")
-    layout = KVLayout(config, num_kv_heads, head_dim)
+    float_dtype = cache["tail_k"].dtype if "tail_k" in cache else torch.float16  # fp16 or the model's bf16
+    layout = KVLayout(config, num_kv_heads, head_dim, float_dtype)
     expected = {f.name: (f.shape(num_kv_heads, config.block_size), f.dtype) for f in layout.page_fields()}
-    expected |= {name: (shape, torch.float16) for name, shape in layout.state_shapes().items()}
+    expected |= {name: (shape, float_dtype) for name, shape in layout.state_shapes().items()}
     for name, (inner, dtype) in expected.items():  # [pages or state slots, *inner]
         t = cache.get(name)
         if t is None:
