@@ -395,9 +395,17 @@ def _quantize_token_groups(
     x: torch.Tensor, partition: int, bits: int, rounding: str, generator: torch.Generator | None,
     ranges: str = "minmax",
 ) -> Quantized:
-    """Per channel over groups of `partition` tokens: x [H, n, D] -> codes [H, n, D], scale/min [H, groups, D]."""
-    parts = []
-    for start in range(0, x.shape[1], partition):
+    """Per channel over groups of `partition` tokens: x [H, n, D] -> codes [H, n, D], scale/min [H, groups, D].
+    Nearest rounding quantizes all whole groups at once (the same per-group arithmetic, a few large ops instead
+    of a few per group); stochastic rounding draws group by group, in the order its generator replays."""
+    parts, start = [], 0
+    whole = x.shape[1] // partition * partition
+    if rounding == "nearest" and whole:
+        groups = x[:, :whole].unflatten(1, (-1, partition)).transpose(2, 3)  # [H, G, D, Π]: a group along last dim
+        q = quantize(groups, bits, rounding, generator, ranges=ranges)
+        parts.append(Quantized(q.codes.transpose(2, 3).flatten(1, 2), q.scale, q.minimum))
+        start = whole
+    for start in range(start, x.shape[1], partition):
         group = x[:, start : start + partition].transpose(1, 2)  # [H, D, tokens]: partition along the last dim
         q = quantize(group, bits, rounding, generator, ranges=ranges)
         parts.append(Quantized(q.codes.transpose(1, 2), q.scale.unsqueeze(1), q.minimum.unsqueeze(1)))
@@ -406,8 +414,10 @@ def _quantize_token_groups(
 
 def _group_sums(codes: torch.Tensor, partition: int) -> torch.Tensor:
     """int16 per-channel code sums over token groups: [H, n, D] -> [H, ceil(n/Π), D]."""
-    sums = [codes[:, s : s + partition].to(torch.int32).sum(1) for s in range(0, codes.shape[1], partition)]
-    return torch.stack(sums, dim=1).to(torch.int16)
+    groups = -(-codes.shape[1] // partition)
+    padded = codes.new_zeros((codes.shape[0], groups * partition, codes.shape[2]))  # zero codes add nothing
+    padded[:, : codes.shape[1]] = codes
+    return padded.unflatten(1, (groups, partition)).sum(2, dtype=torch.int32).to(torch.int16)
 
 
 def recompute_sums(rows: dict[str, torch.Tensor], config: KVConfig, head_dim: int) -> dict[str, torch.Tensor]:
