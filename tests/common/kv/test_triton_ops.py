@@ -79,6 +79,9 @@ def _route(monkeypatch: pytest.MonkeyPatch, to_kernels: bool, calls: list[str]) 
 @pytest.mark.parametrize("config, tolerance", [
     pytest.param(KVConfig(**PAPER_SETTING, mode="hack", partition=32, block_size=64, num_sinks=2), HOMOMORPHIC, id="hack"),
     pytest.param(KVConfig(**PAPER_SETTING, mode="dequant", partition=64, bits=4, key_axis="channel"), FP16_ATTENTION, id="dequant"),
+    # the default format (window, mse ranges, rotation): the store falls back to torch_fast, attention stays on the
+    # kernels (a multi-token dequant forward on triton_dequant_prefill)
+    pytest.param(KVConfig(mode="dequant", partition=32, window=40), FP16_ATTENTION, id="dequant-default-format"),
 ])
 def test_backend_on_kernels_matches_backend_on_reference(monkeypatch, config, tolerance):
     shape = SimpleNamespace(num_layers=1, num_heads=8, num_kv_heads=2, head_dim=64)
