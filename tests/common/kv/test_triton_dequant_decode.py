@@ -26,11 +26,12 @@ CASES = [
 
 @pytest.mark.parametrize("config, num_kv_heads, group, head_dim, seq_lens, num_splits", CASES)
 def test_dequant_decode_matches_reference(config, num_kv_heads, group, head_dim, seq_lens, num_splits):
-    batch, gen = random_batch(config, num_kv_heads, head_dim, seq_lens, fresh_seed(), k_scale=2.0)
+    seed = fresh_seed()
+    batch, gen = random_batch(config, num_kv_heads, head_dim, seq_lens, seed, k_scale=2.0)
     q = torch.randn(len(seq_lens), num_kv_heads * group, head_dim, generator=gen).to(DEVICE)
     cu_q = torch.arange(len(seq_lens) + 1, device=DEVICE)
     out = dequant.dequant_decode_attention(q, batch.seq_lens, batch.block_tables, batch.state_slots, batch.cache,
                                            config, head_dim**-0.5, out=nan_like(q), num_splits=num_splits)
     expected = reference.dequant_attention(q, cu_q, batch.seq_lens, batch.block_tables, batch.state_slots,
                                            batch.cache, config, head_dim**-0.5)
-    assert_attention_close(out, expected, FP16_ATTENTION)
+    assert_attention_close(out, expected, FP16_ATTENTION, seed)

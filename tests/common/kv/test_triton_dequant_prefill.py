@@ -49,10 +49,7 @@ def test_dequant_prefill_matches_reference(config, num_kv_heads, group, head_dim
     out = dequant.dequant_prefill_attention(*args, out=nan_like(q), block_m=16)
     expected = reference.dequant_attention(q.float(), *args[1:])
     tolerance = BF16_ATTENTION if dtype == torch.bfloat16 else FP16_ATTENTION
-    try:
-        assert_attention_close(out, expected, tolerance)
-    except AssertionError as error:
-        raise AssertionError(f"seed {seed}: {error}") from None
+    assert_attention_close(out, expected, tolerance, seed)
 
 
 def test_dequant_prefill_rejects_mismatched_offsets():

@@ -87,7 +87,8 @@ def test_backend_on_kernels_matches_backend_on_reference(monkeypatch, config, to
     shape = SimpleNamespace(num_layers=1, num_heads=8, num_kv_heads=2, head_dim=64)
     backends = {kernels: make_kv_backend(config, shape, DEVICE, torch.float32, max_tokens=512)
                 for kernels in (False, True)}
-    gen = torch.Generator().manual_seed(fresh_seed())
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
     calls: list[str] = []
     for seq_ids, num_cached, num_new in STEPS:  # prefill of a mixed batch, a decode step, decode + a chunk
         batch = ForwardBatch.build(seq_ids, num_cached, num_new, DEVICE)
@@ -97,7 +98,7 @@ def test_backend_on_kernels_matches_backend_on_reference(monkeypatch, config, to
             _route(monkeypatch, kernels, calls)
             backend.reserve(batch)
             outputs[kernels] = backend.attend(0, q, k, v, batch)
-        assert_attention_close(outputs[True], outputs[False], tolerance)
+        assert_attention_close(outputs[True], outputs[False], tolerance, seed)
     attention = "hack_attention" if config.mode == "hack" else "dequant_attention"
     assert calls == ["store_compressed_kv", attention] * len(STEPS)
     for name, expected in backends[False].pool.layers[0].items():
