@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
              f"torch_fast.store_compressed_kv on CPU ({platform.machine()}, {torch.get_num_threads()} threads), "
              f"median of {args.reps}, 1-minute load average {os.getloadavg()[0]:.1f}"
              + (f"; before = revision {args.before}, same run" if args.before else "")
-             + ". Command: `python -m bench.store_ops" + (f" --before {args.before}`." if args.before else "`."),
+             + ". Command: `python -m bench.store_ops" + (f" --before {args.before}`." if args.before else "`.")
+             + " The op and sync counts are exact (the same on every run); wall time follows the host's load.",
              "", "| format | tokens | aten ops | host syncs | wall s | aten ops before | host syncs before "
                  "| wall s before |", "|---|---|---|---|---|---|---|---|"]
     for row, old in zip(after, before):
