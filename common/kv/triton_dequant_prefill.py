@@ -20,10 +20,10 @@ import triton.language as tl
 
 from common.kv.config import KVConfig
 from common.kv.triton_helpers import (
-    LOG2E, check_attention_inputs, check_index, matmul, next_power_of_2, output_for, softmax_step, stored_split,
-    tile_page, use_dot,
+    LOG2E, check_attention_inputs, check_index, matmul, next_power_of_2, output_for, prefill_rows, softmax_step,
+    stored_split, tile_page, use_dot,
 )
-from common.kv.triton_tiles import key_codes, value_codes
+from common.kv.triton_tiles import dequantized_group
 
 Cache = dict[str, torch.Tensor]
 
@@ -36,33 +36,6 @@ def _to_half(x, BF16: tl.constexpr):
     else:
         half = x.to(tl.float16)
     return half
-
-
-@triton.jit
-def _dequantized_group(k_codes_ptr, k_scale_ptr, k_min_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr, head_page, slot0,
-                       n_valid, D: tl.constexpr, PD: tl.constexpr, PI: tl.constexpr, BS: tl.constexpr,
-                       BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr):
-    """One page group as fp32 keys [D, Π] and values [Π, D] (s * code + m); tokens >= n_valid are finite."""
-    NP: tl.constexpr = D // PD
-    tokens = tl.arange(0, PI)
-    valid = tokens < n_valid
-    token_rows = head_page * BS + slot0 + tokens
-    group_row = head_page * (BS // PI) + slot0 // PI
-    channels = tl.arange(0, D)
-    codes = tl.reshape(key_codes(k_codes_ptr, token_rows, valid, 1, D, D, BITS), (D, PI))
-    if KEY_CHANNEL:
-        k_offsets = group_row * D + channels[:, None]  # [D, 1]
-        k_scale = tl.load(k_scale_ptr + k_offsets).to(tl.float32)
-        k_min = tl.load(k_min_ptr + k_offsets).to(tl.float32)
-    else:
-        k_offsets = token_rows[None, :] * NP + channels[:, None] // PD  # [D, Π]
-        k_scale = tl.load(k_scale_ptr + k_offsets, mask=valid[None, :], other=0.0).to(tl.float32)
-        k_min = tl.load(k_min_ptr + k_offsets, mask=valid[None, :], other=0.0).to(tl.float32)
-    v_offsets = group_row * D + channels[None, :]  # [1, D]
-    v_scale = tl.load(v_scale_ptr + v_offsets).to(tl.float32)
-    v_min = tl.load(v_min_ptr + v_offsets).to(tl.float32)
-    values = value_codes(v_codes_ptr, token_rows, valid, D, BITS).to(tl.float32) * v_scale + v_min
-    return codes.to(tl.float32) * k_scale + k_min, values
 
 
 @triton.jit
@@ -112,11 +85,7 @@ def _dequant_prefill_kernel(
         block_table = block_tables_ptr + seq * stride_table
         n_sinks, n_paged, n_tail = stored_split(seq_len, NUM_SINKS, PI, REQUANT_ELIM, WINDOW)
 
-        rows = tl.arange(0, BLOCK_M)  # token-major: row = token * BLOCK_G + query head in the group
-        token = block * BLOCK_T + rows // BLOCK_G
-        q_heads = head * G + rows % BLOCK_G
-        row_mask = (token < num_queries) & (rows % BLOCK_G < G)
-        q_pos = (seq_len - num_queries + token)[:, None]  # the queries are the sequence's last tokens
+        token, q_heads, row_mask, q_pos = prefill_rows(block, head, seq_len, num_queries, G, BLOCK_G, BLOCK_T)
         channels = tl.arange(0, D)[None, :]
         q_offsets = (q_start + token)[:, None] * stride_qt + q_heads[:, None] * stride_qh + channels
         q = _to_half(tl.load(q_ptr + q_offsets, mask=row_mask[:, None], other=0.0), BF16)
@@ -137,7 +106,7 @@ def _dequant_prefill_kernel(
         for tile in range(0, num_tiles):
             page, slot0 = tile_page(block_table, tile * PI, BS)
             n_valid = n_paged - tile * PI
-            keys, values = _dequantized_group(k_codes_ptr, k_scale_ptr, k_min_ptr, v_codes_ptr, v_scale_ptr,
+            keys, values = dequantized_group(k_codes_ptr, k_scale_ptr, k_min_ptr, v_codes_ptr, v_scale_ptr,
                                               v_min_ptr, page * HKV + head, slot0, n_valid, D, PD, PI, BS, BITS,
                                               KEY_CHANNEL)
             visible = (tokens < n_valid)[None, :] & ((n_sinks + tile * PI + tokens)[None, :] <= q_pos)

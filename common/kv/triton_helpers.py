@@ -128,6 +128,19 @@ def stored_split(seq_len, NUM_SINKS: tl.constexpr, PARTITION: tl.constexpr, REQU
     return n_sinks, rest - n_tail, n_tail
 
 
+@triton.jit
+def prefill_rows(block, head, seq_len, num_queries, G: tl.constexpr, BLOCK_G: tl.constexpr,
+                 BLOCK_T: tl.constexpr):
+    """A prefill program's rows, BLOCK_T query tokens x the G query heads of KV head `head`, token-major (row =
+    token * BLOCK_G + query head in the group): each row's query token (index among the sequence's queries),
+    query head, validity and position [M, 1] (the queries are the sequence's last tokens)."""
+    rows = tl.arange(0, BLOCK_T * BLOCK_G)
+    token = block * BLOCK_T + rows // BLOCK_G
+    q_heads = head * G + rows % BLOCK_G
+    row_mask = (token < num_queries) & (rows % BLOCK_G < G)
+    return token, q_heads, row_mask, (seq_len - num_queries + token)[:, None]
+
+
 def next_power_of_2(n: int) -> int:
     return triton.next_power_of_2(max(1, n))
 

@@ -18,8 +18,8 @@ import triton.language as tl
 
 from common.kv.config import KVConfig
 from common.kv.triton_helpers import (
-    LOG2E, check_attention_inputs, check_index, next_power_of_2, output_for, quantize_int8, stored_split,
-    sum_tensors, tile_page, use_dot, use_int8_dot,
+    LOG2E, check_attention_inputs, check_index, next_power_of_2, output_for, prefill_rows, quantize_int8,
+    stored_split, sum_tensors, tile_page, use_dot, use_int8_dot,
 )
 from common.kv.triton_tiles import attend_state_tile, attend_tail, hack_attend_tile, load_query_partitions
 
@@ -50,11 +50,7 @@ def _hack_prefill_kernel(
         block_table = block_tables_ptr + seq * stride_table
         n_sinks, n_paged, n_tail = stored_split(seq_len, NUM_SINKS, PI, REQUANT_ELIM, WINDOW)
 
-        rows = tl.arange(0, BLOCK_M)  # token-major: row = token * BLOCK_G + query head in the group
-        token = block * BLOCK_T + rows // BLOCK_G
-        q_heads = head * G + rows % BLOCK_G
-        row_mask = (token < num_queries) & (rows % BLOCK_G < G)
-        q_pos = (seq_len - num_queries + token)[:, None]  # the queries are the sequence's last tokens
+        token, q_heads, row_mask, q_pos = prefill_rows(block, head, seq_len, num_queries, G, BLOCK_G, BLOCK_T)
         q3 = load_query_partitions(q_ptr, (q_start + token) * stride_qt + q_heads * stride_qh, row_mask, NP, PD)
         q_codes, q_scale, q_min, q_sum = quantize_int8(q3, 2)
 
