@@ -16,8 +16,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -84,14 +82,9 @@ def run_all(reps: int) -> list[dict]:
 
 def run_before(ref: str, reps: int) -> list[dict]:
     """The same measurement on the code of git revision `ref`, in a subprocess."""
-    with tempfile.TemporaryDirectory() as tmp:
-        archive = subprocess.run(["git", "archive", ref], check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
-        (Path(tmp) / "bench" / "decode_overhead.py").write_text(Path(__file__).read_text())
-        env = {**os.environ, "PYTHONPATH": tmp}
-        out = subprocess.run([sys.executable, "-m", "bench.decode_overhead", "--reps", str(reps), "--json-only"],
-                             cwd=tmp, env=env, check=True, capture_output=True, text=True).stdout
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    from bench.report import run_at_revision
+
+    return run_at_revision(ref, __file__, ["--reps", str(reps), "--json-only"])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -90,7 +90,7 @@ def kv_identity(loaded: LoadedModel, layout: KVLayout) -> dict[str, str | int]:
         "kv_mode": kv_mode_to_proto(layout.config.mode),
         "format_version": WIRE_VERSION,
         "block_size": layout.config.block_size,
-        "kv_format": layout.config.wire_identity,
+        "kv_format": layout.wire_identity,  # the cache options and the 16-bit dtype of uncompressed K/V
     }
 
 

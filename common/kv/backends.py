@@ -210,7 +210,8 @@ class PagedKVBackend(KVBackend):
         for name, tokens in (("sink_k", split.sinks), ("sink_v", split.sinks), ("tail_k", split.tail),
                              ("tail_v", split.tail)):
             if self.config.compressed:
-                _check_tensor(name, kv.state.get(name), (h, tokens, self.layout.head_dim), torch.float16)
+                _check_tensor(name, kv.state.get(name), (h, tokens, self.layout.head_dim),
+                              self.layout.float_dtype)
 
     # -- per mode -------------------------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import torch
 from common.kv import native
 from common.kv.backends import CompressedKVBackend, Fp16KVBackend, PagedKVBackend
 from common.kv.config import KVConfig
-from common.kv.format import KVLayout
+from common.kv.format import KVLayout, float_dtype_for
 from common.kv.pool import KVPool
 
 
@@ -34,7 +34,8 @@ def make_kv_backend(
     """A paged backend for kv_config.mode, sized by max_tokens (page capacity) or memory_bytes (pool budget).
 
     max_seqs bounds the sequences held at once (compressed modes reserve one 16-bit state slot each);
-    softmax_scale defaults to head_dim ** -0.5.
+    softmax_scale defaults to head_dim ** -0.5. Uncompressed K/V are stored in `dtype` when it is 16-bit (bf16
+    models keep bf16 K/V), else in fp16 (format.float_dtype_for).
     """
     if (max_tokens is None) == (memory_bytes is None):
         raise ValueError("give exactly one of max_tokens and memory_bytes")
@@ -42,7 +43,7 @@ def make_kv_backend(
         raise ValueError(
             f"num_heads={model_config.num_heads} is not a multiple of num_kv_heads={model_config.num_kv_heads}"
         )
-    layout = KVLayout(kv_config, model_config.num_kv_heads, model_config.head_dim)
+    layout = KVLayout(kv_config, model_config.num_kv_heads, model_config.head_dim, float_dtype_for(dtype))
     if max_tokens is not None:
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")

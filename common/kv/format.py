@@ -14,7 +14,7 @@ Notation: Hkv = KV heads, D = head_dim, bs = block_size (tokens per page), Π = 
 
 Per layer pool tensors, `nb` pages; a page holds bs tokens of one layer for all KV heads:
     fp16 mode:
-        k, v          fp16  [nb, Hkv, bs, D]
+        k, v          fp16  [nb, Hkv, bs, D]        (KVLayout.float_dtype: bf16 for bf16 models, see below)
     dequant and hack modes (identical storage):
         k_codes       uint8 [nb, Hkv, bs, D*b/8]   codes packed along D: element j of each group of 8/b
         v_codes       uint8 [nb, Hkv, bs, D*b/8]   consecutive codes sits at bit offset b*j (LSB first)
@@ -24,13 +24,16 @@ Per layer pool tensors, `nb` pages; a page holds bs tokens of one layer for all 
         v_scale/v_min fp16  [nb, Hkv, bs/Π, D]     V per channel over groups of Π tokens
         v_sums        int16 [nb, Hkv, bs/Π, D]     per channel, per token-group sum of V codes
     The *_sums tensors exist only with sum_elimination (else attention recomputes them from the codes).
-Per sequence state (compressed modes), indexed by the sequence's state slot, fp16:
+Per sequence state (compressed modes), indexed by the sequence's state slot, fp16 (KVLayout.float_dtype):
     sink_k, sink_v  [max_seqs, Hkv, num_sinks, D]  the first num_sinks tokens, never quantized
     tail_k, tail_v  [max_seqs, Hkv, Π + W, D]      the tail: the W = config.window most recent tokens (a KIVI-style
                                                    16-bit recent window, 0 by default) and before them the open
                                                    partition, tokens that do not fill a partition of Π yet; the
                                                    oldest Π tail tokens are quantized once when the tail reaches
                                                    Π + W tokens, so it holds between W and Π + W - 1 of them
+The uncompressed K/V (fp16-mode pages, sinks, tail) are stored in the model's 16-bit compute dtype (bf16 for a
+bf16 model, fp16 for fp16 and fp32 models): KVLayout.float_dtype, part of KVLayout.wire_identity, so a
+sender and a receiver that disagree refuse the push. Scales and minimums are always fp16.
 Tail tokens are stored in order from the first unquantized one (compressed index = quantized count).
 Token at position pos >= num_sinks has compressed index c = pos - num_sinks, stored in page
 block_table[c // bs] at slot c % bs (fp16 mode: num_sinks is ignored, c = pos). Pages are allocated for every
@@ -62,7 +65,15 @@ import torch
 
 from common.kv.config import KVConfig
 
-STORAGE_DTYPE = torch.float16  # every 16-bit part (scales, minimums, sinks, tail, fp16 pages)
+STORAGE_DTYPE = torch.float16  # scales and minimums; by default also the uncompressed K/V (KVLayout.float_dtype)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16)  # what uncompressed K/V can be stored as
+
+
+def float_dtype_for(compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype uncompressed K/V (fp16-mode pages, sinks, tail) is stored in for a model computing in
+    compute_dtype: its own 16-bit dtype (a bf16 model's K/V stay bf16: its own numbers, no fp16 overflow), fp16
+    for fp32 models."""
+    return compute_dtype if compute_dtype in FLOAT_DTYPES else torch.float16
 
 # magic, version, kind, mode, bits, key_axis, partition, num_kv_heads, head_dim, layer, index,
 # num_tokens, num_sink_tokens
@@ -252,16 +263,25 @@ class KVLayout:
     config: KVConfig
     num_kv_heads: int
     head_dim: int
+    float_dtype: torch.dtype = STORAGE_DTYPE  # uncompressed K/V: fp16-mode pages, sinks and tail (float_dtype_for)
 
     def __post_init__(self) -> None:
         if self.num_kv_heads < 1 or self.head_dim < 1:
             raise ValueError(f"need num_kv_heads >= 1 and head_dim >= 1, got {self.num_kv_heads}, {self.head_dim}")
+        if self.float_dtype not in FLOAT_DTYPES:
+            raise ValueError(f"uncompressed K/V are stored as one of {FLOAT_DTYPES}, got {self.float_dtype}")
         if self.config.compressed:
             self.config.head_partition(self.head_dim)  # validates head_dim against Π and bits
 
     @property
     def head_partition(self) -> int:
         return self.config.head_partition(self.head_dim)
+
+    @property
+    def wire_identity(self) -> str:
+        """KVConfig.wire_identity plus the dtype of the uncompressed K/V: what a sender's and a receiver's pools
+        must share for pushed KV bytes to mean the same values."""
+        return f"{self.config.wire_identity} dtype={str(self.float_dtype).removeprefix('torch.')}"
 
     @property
     def num_sinks(self) -> int:
@@ -271,7 +291,7 @@ class KVLayout:
         """Per-page tensors in storage and wire order; sums follow config.sum_elimination unless overridden."""
         cfg, d = self.config, self.head_dim
         if not cfg.compressed:
-            return [PageField("k", STORAGE_DTYPE, 1, d), PageField("v", STORAGE_DTYPE, 1, d)]
+            return [PageField("k", self.float_dtype, 1, d), PageField("v", self.float_dtype, 1, d)]
         pd, pi = self.head_partition, cfg.partition
         k_rows, k_width = (1, d // pd) if cfg.key_axis == "token" else (pi, d)
         fields = [
@@ -309,7 +329,7 @@ class KVLayout:
     @property
     def state_bytes(self) -> int:
         """Bytes of one sequence's 16-bit state slot of one layer in the pool."""
-        return sum(math.prod(s) * STORAGE_DTYPE.itemsize for s in self.state_shapes().values())
+        return sum(math.prod(s) * self.float_dtype.itemsize for s in self.state_shapes().values())
 
     def memory_bytes(self, num_tokens: int, num_layers: int = 1) -> int:
         """Exact pool bytes a sequence of num_tokens holds: its pages plus its state slot, over all layers."""
@@ -326,7 +346,7 @@ class KVLayout:
         return WIRE_OVERHEAD_BYTES + payload
 
     def state_wire_bytes(self, sinks: int, tail: int) -> int:
-        return WIRE_OVERHEAD_BYTES + 2 * (sinks + tail) * self.num_kv_heads * self.head_dim * STORAGE_DTYPE.itemsize
+        return WIRE_OVERHEAD_BYTES + 2 * (sinks + tail) * self.num_kv_heads * self.head_dim * self.float_dtype.itemsize
 
     def wire_bytes(self, num_tokens: int, num_layers: int = 1) -> int:
         """Exact serialized bytes (wire.py) of a sequence's KV: page chunks plus, compressed, one state chunk."""
@@ -338,7 +358,7 @@ class KVLayout:
 
     def fp16_bytes(self, num_tokens: int, num_layers: int = 1) -> int:
         """Raw bytes of num_tokens of 16-bit K and V (the uncompressed reference size)."""
-        return num_layers * 2 * num_tokens * self.num_kv_heads * self.head_dim * STORAGE_DTYPE.itemsize
+        return num_layers * 2 * num_tokens * self.num_kv_heads * self.head_dim * self.float_dtype.itemsize
 
 
 def quantize_tokens(
@@ -375,9 +395,17 @@ def _quantize_token_groups(
     x: torch.Tensor, partition: int, bits: int, rounding: str, generator: torch.Generator | None,
     ranges: str = "minmax",
 ) -> Quantized:
-    """Per channel over groups of `partition` tokens: x [H, n, D] -> codes [H, n, D], scale/min [H, groups, D]."""
-    parts = []
-    for start in range(0, x.shape[1], partition):
+    """Per channel over groups of `partition` tokens: x [H, n, D] -> codes [H, n, D], scale/min [H, groups, D].
+    Nearest rounding quantizes all whole groups at once (the same per-group arithmetic, a few large ops instead
+    of a few per group); stochastic rounding draws group by group, in the order its generator replays."""
+    parts, start = [], 0
+    whole = x.shape[1] // partition * partition
+    if rounding == "nearest" and whole:
+        groups = x[:, :whole].unflatten(1, (-1, partition)).transpose(2, 3)  # [H, G, D, Π]: a group along last dim
+        q = quantize(groups, bits, rounding, generator, ranges=ranges)
+        parts.append(Quantized(q.codes.transpose(2, 3).flatten(1, 2), q.scale, q.minimum))
+        start = whole
+    for start in range(start, x.shape[1], partition):
         group = x[:, start : start + partition].transpose(1, 2)  # [H, D, tokens]: partition along the last dim
         q = quantize(group, bits, rounding, generator, ranges=ranges)
         parts.append(Quantized(q.codes.transpose(1, 2), q.scale.unsqueeze(1), q.minimum.unsqueeze(1)))
@@ -386,8 +414,10 @@ def _quantize_token_groups(
 
 def _group_sums(codes: torch.Tensor, partition: int) -> torch.Tensor:
     """int16 per-channel code sums over token groups: [H, n, D] -> [H, ceil(n/Π), D]."""
-    sums = [codes[:, s : s + partition].to(torch.int32).sum(1) for s in range(0, codes.shape[1], partition)]
-    return torch.stack(sums, dim=1).to(torch.int16)
+    groups = -(-codes.shape[1] // partition)
+    padded = codes.new_zeros((codes.shape[0], groups * partition, codes.shape[2]))  # zero codes add nothing
+    padded[:, : codes.shape[1]] = codes
+    return padded.unflatten(1, (groups, partition)).sum(2, dtype=torch.int32).to(torch.int16)
 
 
 def recompute_sums(rows: dict[str, torch.Tensor], config: KVConfig, head_dim: int) -> dict[str, torch.Tensor]:

@@ -6,16 +6,17 @@ op keeps the signature of its torch reference in reference.py. Routing:
       store_compressed_kv  triton_quantize_append (quantize-and-append, tail flush)
       hack_attention       triton_decode_attention when every sequence brings one query (decode), else
                            triton_prefill_attention (prefill, chunked prefill, mixed batches)
-      dequant_attention    triton_dequant_decode for decode; multi-token forwards use the reference
+      dequant_attention    triton_dequant_decode for decode, else triton_dequant_prefill
   * CPU tensors run the vectorized torch versions: cpu_ops.py for hack_attention and dequant_attention (codes
     unpacked from packed words, exact integer products as batched float32 matmuls, query-blocked prefill),
     torch_fast.py for store_fp16_kv, store_compressed_kv and fp16_attention (and the attention of
     configurations cpu_ops does not serve), unless TRITON_INTERPRET=1 is set when the op is dispatched: then the
     same Triton kernels run in Triton's interpreter (how the tests check them without a GPU). CUDA tensors run
     torch_fast.py's fp16-mode ops (the uncompressed baseline has no kernel).
-  * What the kernels do not implement (stochastic rounding or clipped ranges in the append, a 16-bit recent
-    window, head_dim not a power of two >= 8) falls back to the vectorized torch ops of torch_fast.py (any device)
-    with a one-time warning, so a configuration never fails for lack of a kernel.
+  * What the kernels do not implement (head_dim not a power of two >= 8; in the append only: stochastic
+    rounding, clipped ranges, a 16-bit recent window) falls back to the vectorized torch ops of torch_fast.py
+    (any device) with a one-time warning, so a configuration never fails for lack of a kernel. The attention
+    kernels read the window (a tail of Π + window rows); rotation happens outside the ops.
 Everything else (causal_attention, dequantize_sequence) runs the reference, the
 ground truth all others are tested against; HACK_KV_OPS=reference routes every op there (e.g. to check a run
 end to end). `register` overrides any route for a device type, keeping the reference signature.
@@ -78,11 +79,22 @@ def triton_interpreted() -> bool:
 
 
 def kernel_gap(config: KVConfig, head_dim: int) -> str | None:
-    """Why the Triton kernels cannot serve this configuration, or None when they can."""
+    """Why the Triton attention kernels cannot serve this configuration, or None when they can."""
     if head_dim < 8 or head_dim & (head_dim - 1):
         return f"head_dim={head_dim} is not a power of two >= 8"
+    return None
+
+
+def store_kernel_gap(config: KVConfig, head_dim: int) -> str | None:
+    """Why the Triton quantize-append kernel cannot store this configuration, or None when it can."""
+    if gap := kernel_gap(config, head_dim):
+        return gap
     if config.window:
-        return "the kernels read a tail of one partition (window=0)"
+        return "the append kernel flushes a tail of one partition (window=0)"
+    if config.rounding != "nearest":
+        return "stochastic rounding replays a torch.Generator"
+    if config.ranges != "minmax":
+        return "the kernel quantizes to each partition's min/max (ranges=minmax)"
     return None
 
 
@@ -90,11 +102,7 @@ def triton_store_compressed_kv(k: torch.Tensor, v: torch.Tensor, cu_new: torch.T
                                block_tables: torch.Tensor, state_slots: torch.Tensor, cache: reference.Cache,
                                config: KVConfig, generator: torch.Generator | None = None) -> None:
     args = (k, v, cu_new, num_cached, block_tables, state_slots, cache, config, generator)
-    gap = kernel_gap(config, k.shape[-1])
-    if gap is None and config.rounding != "nearest":
-        gap = "stochastic rounding replays a torch.Generator"
-    if gap is None and config.ranges != "minmax":
-        gap = "the kernel quantizes to each partition's min/max (ranges=minmax)"
+    gap = store_kernel_gap(config, k.shape[-1])
     if gap is not None:
         _warn_fallback("store_compressed_kv", gap)
         return torch_fast.store_compressed_kv(*args)
@@ -123,14 +131,17 @@ def triton_dequant_attention(q: torch.Tensor, cu_q: torch.Tensor, seq_lens: torc
                              state_slots: torch.Tensor, cache: reference.Cache, config: KVConfig,
                              softmax_scale: float) -> torch.Tensor:
     gap = kernel_gap(config, q.shape[-1])
-    if gap is not None or not _is_decode(q, seq_lens):
-        if gap is not None:
-            _warn_fallback("dequant_attention", gap)
-        return reference.dequant_attention(q, cu_q, seq_lens, block_tables, state_slots, cache, config,
-                                           softmax_scale)
-    from common.kv.triton_dequant_decode import dequant_decode_attention
+    if gap is not None:
+        _warn_fallback("dequant_attention", gap)
+        return torch_fast.dequant_attention(q, cu_q, seq_lens, block_tables, state_slots, cache, config,
+                                            softmax_scale)
+    if _is_decode(q, seq_lens):
+        from common.kv.triton_dequant_decode import dequant_decode_attention
 
-    return dequant_decode_attention(q, seq_lens, block_tables, state_slots, cache, config, softmax_scale)
+        return dequant_decode_attention(q, seq_lens, block_tables, state_slots, cache, config, softmax_scale)
+    from common.kv.triton_dequant_prefill import dequant_prefill_attention
+
+    return dequant_prefill_attention(q, cu_q, seq_lens, block_tables, state_slots, cache, config, softmax_scale)
 
 
 TRITON_OPS: dict[str, Callable] = {
@@ -165,4 +176,4 @@ def _check_name(name: str) -> None:
 def _warn_fallback(name: str, reason: str) -> None:
     if (name, reason) not in _warned:
         _warned.add((name, reason))
-        log.warning("KV op %s runs the torch reference: %s", name, reason)
+        log.warning("KV op %s falls back to the torch ops (no kernel): %s", name, reason)

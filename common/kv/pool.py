@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.kv.format import STORAGE_DTYPE, Cache, KVLayout
+from common.kv.format import Cache, KVLayout
 from common.kv.interface import KVCacheFull
 
 
@@ -58,7 +58,7 @@ class KVPool:
             for f in self.layout.page_fields()
         }
         for name, shape in self.layout.state_shapes().items():
-            cache[name] = torch.zeros((self.max_seqs, *shape), dtype=STORAGE_DTYPE, device=self.device)
+            cache[name] = torch.zeros((self.max_seqs, *shape), dtype=self.layout.float_dtype, device=self.device)
         return cache
 
     @property

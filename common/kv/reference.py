@@ -102,12 +102,14 @@ def page_spans(start: int, count: int, block_size: int) -> list[tuple[int, int, 
 def write_rows(cache: Cache, rows: dict[str, torch.Tensor], block_table: torch.Tensor, start: int, count: int,
                block_size: int) -> None:
     """Write page rows ([Hkv, rows, width] per field) of `count` tokens at compressed index `start` (a multiple
-    of each field's tokens_per_row)."""
+    of each field's tokens_per_row): one indexed write per field, page ids read on the tensor's device (no
+    per-page host sync)."""
     for name, src in rows.items():
-        per_row = block_size // cache[name].shape[2]
-        for table_idx, slot, offset, n in page_spans(start, count, block_size):
-            r0, nr = slot // per_row, -(-n // per_row)
-            cache[name][int(block_table[table_idx]), :, r0 : r0 + nr] = src[:, offset // per_row :][:, :nr]
+        rows_per_page = cache[name].shape[2]
+        per_row = block_size // rows_per_page
+        row_ids = torch.arange(start // per_row, start // per_row + -(-count // per_row), device=block_table.device)
+        pages = block_table[row_ids // rows_per_page].long()
+        cache[name][pages, :, row_ids % rows_per_page] = src[:, : row_ids.shape[0]].transpose(0, 1).to(cache[name].dtype)
 
 
 def gather_rows(cache: Cache, name: str, block_table: torch.Tensor, start: int, count: int,

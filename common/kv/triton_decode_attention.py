@@ -21,7 +21,7 @@ from common.kv.triton_helpers import (
     LOG2E, check_attention_inputs, next_power_of_2, output_for, quantize_int8, stored_split, sum_tensors, tile_page,
     use_dot, use_int8_dot,
 )
-from common.kv.triton_tiles import attend_state_tile, hack_attend_tile, load_query_partitions
+from common.kv.triton_tiles import attend_state_tile, attend_tail, hack_attend_tile, load_query_partitions
 
 Cache = dict[str, torch.Tensor]
 MIN_TILES_PER_SPLIT = 4  # below this a split's fixed cost (query quantization, partial write) dominates
@@ -36,8 +36,8 @@ def _hack_decode_kernel(
     sink_k_ptr, sink_v_ptr, tail_k_ptr, tail_v_ptr,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, PD: tl.constexpr,
     PI: tl.constexpr, BS: tl.constexpr, BITS: tl.constexpr, NUM_SINKS: tl.constexpr, SINK_BLOCK: tl.constexpr,
-    KEY_CHANNEL: tl.constexpr, HAS_SUMS: tl.constexpr, REQUANT_ELIM: tl.constexpr, SPLIT: tl.constexpr,
-    INT_DOT: tl.constexpr, FLOAT_DOT: tl.constexpr,
+    WINDOW: tl.constexpr, KEY_CHANNEL: tl.constexpr, HAS_SUMS: tl.constexpr, REQUANT_ELIM: tl.constexpr,
+    SPLIT: tl.constexpr, INT_DOT: tl.constexpr, FLOAT_DOT: tl.constexpr,
 ):
     split = tl.program_id(0)
     head = tl.program_id(1)
@@ -46,7 +46,7 @@ def _hack_decode_kernel(
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int64)
     state_row = tl.load(state_slots_ptr + seq).to(tl.int64) * HKV + head
     block_table = block_tables_ptr + seq * stride_table
-    n_sinks, n_paged, n_tail = stored_split(seq_len, NUM_SINKS, PI, REQUANT_ELIM)
+    n_sinks, n_paged, n_tail = stored_split(seq_len, NUM_SINKS, PI, REQUANT_ELIM, WINDOW)
 
     rows = tl.arange(0, BLOCK_M)
     row_mask = rows < G
@@ -69,7 +69,7 @@ def _hack_decode_kernel(
 
     m_i, l_i, acc = attend_sinks_and_tail(q3, seq_len, split, num_splits, m_i, l_i, acc, scale_log2, state_row,
                                           n_sinks, n_paged, n_tail, sink_k_ptr, sink_v_ptr, tail_k_ptr, tail_v_ptr,
-                                          D, PD, PI, NUM_SINKS, SINK_BLOCK, REQUANT_ELIM, FLOAT_DOT, False)
+                                          D, PD, PI, NUM_SINKS, SINK_BLOCK, WINDOW, REQUANT_ELIM, FLOAT_DOT, False)
     store_decode_output(acc, m_i, l_i, out_ptr, stride_ob, stride_oh, part_out_ptr, part_max_ptr, part_sum_ptr,
                         seq, split, num_splits, q_heads, row_mask, HKV * G, D, SPLIT)
 
@@ -87,7 +87,8 @@ def split_tiles(n_paged, split, num_splits, PI: tl.constexpr):
 def attend_sinks_and_tail(q3, seq_len, split, num_splits, m_i, l_i, acc, scale_log2, state_row, n_sinks, n_paged,
                           n_tail, sink_k_ptr, sink_v_ptr, tail_k_ptr, tail_v_ptr, D: tl.constexpr,
                           PD: tl.constexpr, PI: tl.constexpr, NUM_SINKS: tl.constexpr, SINK_BLOCK: tl.constexpr,
-                          REQUANT_ELIM: tl.constexpr, FLOAT_DOT: tl.constexpr, FP16: tl.constexpr):
+                          WINDOW: tl.constexpr, REQUANT_ELIM: tl.constexpr, FLOAT_DOT: tl.constexpr,
+                          FP16: tl.constexpr):
     """The last split also attends to the 16-bit sinks and open tail (all visible to the newest token)."""
     if split == num_splits - 1:
         if NUM_SINKS > 0:
@@ -95,9 +96,8 @@ def attend_sinks_and_tail(q3, seq_len, split, num_splits, m_i, l_i, acc, scale_l
                                               state_row * NUM_SINKS, 0, n_sinks, SINK_BLOCK, D, PD, FLOAT_DOT,
                                               FP16)
         if REQUANT_ELIM:
-            m_i, l_i, acc = attend_state_tile(q3, seq_len - 1, m_i, l_i, acc, scale_log2, tail_k_ptr, tail_v_ptr,
-                                              state_row * PI, n_sinks + n_paged, n_tail, PI, D, PD, FLOAT_DOT,
-                                              FP16)
+            m_i, l_i, acc = attend_tail(q3, seq_len - 1, m_i, l_i, acc, scale_log2, tail_k_ptr, tail_v_ptr,
+                                        state_row, n_sinks + n_paged, n_tail, PI, WINDOW, D, PD, FLOAT_DOT, FP16)
     return m_i, l_i, acc
 
 
@@ -185,7 +185,8 @@ def decode_meta(q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Ten
     )
     meta = dict(
         HKV=num_kv_heads, G=group, BLOCK_M=block_m, D=head_dim, PD=pd, PI=pi, BS=config.block_size,
-        BITS=config.bits, NUM_SINKS=config.num_sinks, SINK_BLOCK=sink_block, KEY_CHANNEL=config.key_axis == "channel",
+        BITS=config.bits, NUM_SINKS=config.num_sinks, SINK_BLOCK=sink_block, WINDOW=config.window,
+        KEY_CHANNEL=config.key_axis == "channel",
         REQUANT_ELIM=config.requant_elimination, FLOAT_DOT=use_dot(block_m, pd, head_dim, sink_block),
     )
     return args, meta, batch, num_kv_heads, num_splits

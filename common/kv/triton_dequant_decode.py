@@ -17,37 +17,9 @@ from common.kv.triton_decode_attention import (
     attend_sinks_and_tail, decode_meta, run_split_decode, split_tiles, store_decode_output,
 )
 from common.kv.triton_helpers import stored_split, tile_page
-from common.kv.triton_tiles import float_attend_tile, key_codes, load_query_partitions, value_codes
+from common.kv.triton_tiles import dequantized_group, float_attend_tile, load_query_partitions
 
 Cache = dict[str, torch.Tensor]
-
-
-@triton.jit
-def _dequantize_group(k_codes_ptr, k_scale_ptr, k_min_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr, head_page, slot0,
-                      n_valid, D: tl.constexpr, PD: tl.constexpr, PI: tl.constexpr, BS: tl.constexpr,
-                      BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr):
-    """One page group as fp16 keys [NP, PD, Π] and values [Π, D] (s * code + m)."""
-    NP: tl.constexpr = D // PD
-    tokens = tl.arange(0, PI)
-    key_valid = tokens < n_valid
-    token_rows = head_page * BS + slot0 + tokens
-    group_row = head_page * (BS // PI) + slot0 // PI
-    parts = tl.arange(0, NP)[:, None, None]
-    if KEY_CHANNEL:
-        param_offsets = group_row * D + parts * PD + tl.arange(0, PD)[None, :, None]  # [NP, PD, 1]
-        k_scale = tl.load(k_scale_ptr + param_offsets)
-        k_min = tl.load(k_min_ptr + param_offsets)
-    else:
-        param_offsets = token_rows[None, None, :] * NP + parts  # [NP, 1, Π]
-        k_scale = tl.load(k_scale_ptr + param_offsets, mask=key_valid[None, None, :], other=0.0)
-        k_min = tl.load(k_min_ptr + param_offsets, mask=key_valid[None, None, :], other=0.0)
-    codes = key_codes(k_codes_ptr, token_rows, key_valid, NP, PD, D, BITS)
-    keys = codes.to(tl.float32) * k_scale.to(tl.float32) + k_min.to(tl.float32)
-    channels = group_row * D + tl.arange(0, D)[None, :]
-    v_scale = tl.load(v_scale_ptr + channels).to(tl.float32)
-    v_min = tl.load(v_min_ptr + channels).to(tl.float32)
-    values = value_codes(v_codes_ptr, token_rows, key_valid, D, BITS).to(tl.float32) * v_scale + v_min
-    return keys.to(tl.float16), values.to(tl.float16)
 
 
 @triton.jit
@@ -58,7 +30,8 @@ def _dequant_decode_kernel(
     sink_k_ptr, sink_v_ptr, tail_k_ptr, tail_v_ptr,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, PD: tl.constexpr,
     PI: tl.constexpr, BS: tl.constexpr, BITS: tl.constexpr, NUM_SINKS: tl.constexpr, SINK_BLOCK: tl.constexpr,
-    KEY_CHANNEL: tl.constexpr, REQUANT_ELIM: tl.constexpr, SPLIT: tl.constexpr, FLOAT_DOT: tl.constexpr,
+    WINDOW: tl.constexpr, KEY_CHANNEL: tl.constexpr, REQUANT_ELIM: tl.constexpr, SPLIT: tl.constexpr,
+    FLOAT_DOT: tl.constexpr,
 ):
     split = tl.program_id(0)
     head = tl.program_id(1)
@@ -67,7 +40,7 @@ def _dequant_decode_kernel(
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int64)
     state_row = tl.load(state_slots_ptr + seq).to(tl.int64) * HKV + head
     block_table = block_tables_ptr + seq * stride_table
-    n_sinks, n_paged, n_tail = stored_split(seq_len, NUM_SINKS, PI, REQUANT_ELIM)
+    n_sinks, n_paged, n_tail = stored_split(seq_len, NUM_SINKS, PI, REQUANT_ELIM, WINDOW)
 
     rows = tl.arange(0, BLOCK_M)
     row_mask = rows < G
@@ -82,14 +55,14 @@ def _dequant_decode_kernel(
     for tile in range(first_tile, last_tile):
         page, slot0 = tile_page(block_table, tile * PI, BS)
         n_valid = n_paged - tile * PI
-        keys, values = _dequantize_group(k_codes_ptr, k_scale_ptr, k_min_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr,
+        keys, values = dequantized_group(k_codes_ptr, k_scale_ptr, k_min_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr,
                                          page * HKV + head, slot0, n_valid, D, PD, PI, BS, BITS, KEY_CHANNEL)
-        m_i, l_i, acc = float_attend_tile(q3, keys, values, (tokens < n_valid)[None, :], m_i, l_i, acc, scale_log2,
-                                          FLOAT_DOT, True)
+        m_i, l_i, acc = float_attend_tile(q3, tl.reshape(keys, (NP, PD, PI)), values, (tokens < n_valid)[None, :],
+                                          m_i, l_i, acc, scale_log2, FLOAT_DOT, True)
 
     m_i, l_i, acc = attend_sinks_and_tail(q3, seq_len, split, num_splits, m_i, l_i, acc, scale_log2, state_row,
                                           n_sinks, n_paged, n_tail, sink_k_ptr, sink_v_ptr, tail_k_ptr, tail_v_ptr,
-                                          D, PD, PI, NUM_SINKS, SINK_BLOCK, REQUANT_ELIM, FLOAT_DOT, True)
+                                          D, PD, PI, NUM_SINKS, SINK_BLOCK, WINDOW, REQUANT_ELIM, FLOAT_DOT, True)
     store_decode_output(acc, m_i, l_i, out_ptr, stride_ob, stride_oh, part_out_ptr, part_max_ptr, part_sum_ptr,
                         seq, split, num_splits, q_heads, row_mask, HKV * G, D, SPLIT)
 

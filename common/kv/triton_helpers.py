@@ -115,15 +115,30 @@ def tile_page(block_table_row, first_index, BLOCK_SIZE: tl.constexpr):
 
 
 @triton.jit
-def stored_split(seq_len, NUM_SINKS: tl.constexpr, PARTITION: tl.constexpr, REQUANT_ELIM: tl.constexpr):
-    """(sinks, paged, tail) token counts as attention reads them: reference.stored_split."""
+def stored_split(seq_len, NUM_SINKS: tl.constexpr, PARTITION: tl.constexpr, REQUANT_ELIM: tl.constexpr,
+                 WINDOW: tl.constexpr):
+    """(sinks, paged, tail) token counts as attention reads them: reference.stored_split. The tail holds the
+    open partition and the WINDOW newest tokens (format.quantized_count)."""
     n_sinks = tl.minimum(seq_len, NUM_SINKS)
     rest = seq_len - n_sinks
     if REQUANT_ELIM:
-        n_tail = rest % PARTITION
+        n_tail = rest - tl.maximum(rest - WINDOW, 0) // PARTITION * PARTITION
     else:
         n_tail = rest * 0
     return n_sinks, rest - n_tail, n_tail
+
+
+@triton.jit
+def prefill_rows(block, head, seq_len, num_queries, G: tl.constexpr, BLOCK_G: tl.constexpr,
+                 BLOCK_T: tl.constexpr):
+    """A prefill program's rows, BLOCK_T query tokens x the G query heads of KV head `head`, token-major (row =
+    token * BLOCK_G + query head in the group): each row's query token (index among the sequence's queries),
+    query head, validity and position [M, 1] (the queries are the sequence's last tokens)."""
+    rows = tl.arange(0, BLOCK_T * BLOCK_G)
+    token = block * BLOCK_T + rows // BLOCK_G
+    q_heads = head * G + rows % BLOCK_G
+    row_mask = (token < num_queries) & (rows % BLOCK_G < G)
+    return token, q_heads, row_mask, (seq_len - num_queries + token)[:, None]
 
 
 def next_power_of_2(n: int) -> int:
@@ -150,9 +165,10 @@ def check_cache(cache: dict[str, torch.Tensor], config: KVConfig, num_kv_heads: 
     """Every page and state tensor of one compressed layer is present, contiguous and shaped as format.py says."""
     if not config.compressed:
         raise ValueError(f"the HACK kernels need a compressed KV mode, got {config.mode!r}")
-    layout = KVLayout(config, num_kv_heads, head_dim)
+    float_dtype = cache["tail_k"].dtype if "tail_k" in cache else torch.float16  # fp16 or the model's bf16
+    layout = KVLayout(config, num_kv_heads, head_dim, float_dtype)
     expected = {f.name: (f.shape(num_kv_heads, config.block_size), f.dtype) for f in layout.page_fields()}
-    expected |= {name: (shape, torch.float16) for name, shape in layout.state_shapes().items()}
+    expected |= {name: (shape, float_dtype) for name, shape in layout.state_shapes().items()}
     for name, (inner, dtype) in expected.items():  # [pages or state slots, *inner]
         t = cache.get(name)
         if t is None:

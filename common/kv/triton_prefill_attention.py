@@ -18,10 +18,10 @@ import triton.language as tl
 
 from common.kv.config import KVConfig
 from common.kv.triton_helpers import (
-    LOG2E, check_attention_inputs, check_index, next_power_of_2, output_for, quantize_int8, stored_split,
-    sum_tensors, tile_page, use_dot, use_int8_dot,
+    LOG2E, check_attention_inputs, check_index, next_power_of_2, output_for, prefill_rows, quantize_int8,
+    stored_split, sum_tensors, tile_page, use_dot, use_int8_dot,
 )
-from common.kv.triton_tiles import attend_state_tile, hack_attend_tile, load_query_partitions
+from common.kv.triton_tiles import attend_state_tile, attend_tail, hack_attend_tile, load_query_partitions
 
 Cache = dict[str, torch.Tensor]
 
@@ -34,8 +34,8 @@ def _hack_prefill_kernel(
     sink_k_ptr, sink_v_ptr, tail_k_ptr, tail_v_ptr,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
     PD: tl.constexpr, PI: tl.constexpr, BS: tl.constexpr, BITS: tl.constexpr, NUM_SINKS: tl.constexpr,
-    SINK_BLOCK: tl.constexpr, KEY_CHANNEL: tl.constexpr, HAS_SUMS: tl.constexpr, REQUANT_ELIM: tl.constexpr,
-    INT_DOT: tl.constexpr, FLOAT_DOT: tl.constexpr,
+    SINK_BLOCK: tl.constexpr, WINDOW: tl.constexpr, KEY_CHANNEL: tl.constexpr, HAS_SUMS: tl.constexpr,
+    REQUANT_ELIM: tl.constexpr, INT_DOT: tl.constexpr, FLOAT_DOT: tl.constexpr,
 ):
     block = tl.program_id(0)
     head = tl.program_id(1)
@@ -48,13 +48,9 @@ def _hack_prefill_kernel(
         seq_len = tl.load(seq_lens_ptr + seq).to(tl.int64)
         state_row = tl.load(state_slots_ptr + seq).to(tl.int64) * HKV + head
         block_table = block_tables_ptr + seq * stride_table
-        n_sinks, n_paged, n_tail = stored_split(seq_len, NUM_SINKS, PI, REQUANT_ELIM)
+        n_sinks, n_paged, n_tail = stored_split(seq_len, NUM_SINKS, PI, REQUANT_ELIM, WINDOW)
 
-        rows = tl.arange(0, BLOCK_M)  # token-major: row = token * BLOCK_G + query head in the group
-        token = block * BLOCK_T + rows // BLOCK_G
-        q_heads = head * G + rows % BLOCK_G
-        row_mask = (token < num_queries) & (rows % BLOCK_G < G)
-        q_pos = (seq_len - num_queries + token)[:, None]  # the queries are the sequence's last tokens
+        token, q_heads, row_mask, q_pos = prefill_rows(block, head, seq_len, num_queries, G, BLOCK_G, BLOCK_T)
         q3 = load_query_partitions(q_ptr, (q_start + token) * stride_qt + q_heads * stride_qh, row_mask, NP, PD)
         q_codes, q_scale, q_min, q_sum = quantize_int8(q3, 2)
 
@@ -80,9 +76,8 @@ def _hack_prefill_kernel(
                 page * HKV + head, slot0, n_valid, D, PD, PI, BS, BITS, KEY_CHANNEL, HAS_SUMS, INT_DOT)
 
         if REQUANT_ELIM:
-            m_i, l_i, acc = attend_state_tile(q3, q_pos, m_i, l_i, acc, scale_log2, tail_k_ptr, tail_v_ptr,
-                                              state_row * PI, n_sinks + n_paged, n_tail, PI, D, PD, FLOAT_DOT,
-                                              False)
+            m_i, l_i, acc = attend_tail(q3, q_pos, m_i, l_i, acc, scale_log2, tail_k_ptr, tail_v_ptr, state_row,
+                                        n_sinks + n_paged, n_tail, PI, WINDOW, D, PD, FLOAT_DOT, False)
 
         out = acc / l_i[:, None]
         offsets = (q_start + token)[:, None] * stride_ot + q_heads[:, None] * stride_oh + tl.arange(0, D)[None, :]
@@ -114,7 +109,7 @@ def hack_prefill_attention(q: torch.Tensor, cu_q: torch.Tensor, seq_lens: torch.
         cache["sink_k"], cache["sink_v"], cache["tail_k"], cache["tail_v"],
         HKV=num_kv_heads, G=group, BLOCK_G=block_g, BLOCK_T=block_t, D=head_dim, PD=pd, PI=pi,
         BS=config.block_size, BITS=config.bits, NUM_SINKS=config.num_sinks, SINK_BLOCK=sink_block,
-        KEY_CHANNEL=config.key_axis == "channel", HAS_SUMS=config.sum_elimination,
+        WINDOW=config.window, KEY_CHANNEL=config.key_axis == "channel", HAS_SUMS=config.sum_elimination,
         REQUANT_ELIM=config.requant_elimination,
         INT_DOT=use_int8_dot(rows, pd, pi) and use_int8_dot(rows, pi, head_dim),
         FLOAT_DOT=use_dot(rows, pd, head_dim, sink_block),

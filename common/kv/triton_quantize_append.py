@@ -74,11 +74,11 @@ def _pack(codes, BITS: tl.constexpr):
 @triton.jit
 def _load_stream(x_ptr, stride_t, stride_h, tail_ptr, rows, head, positions, valid, from_tail,
                  D: tl.constexpr):
-    """Token rows of the stream (old tail + new rows) as fp16 [N, D]: new rows are cast to fp16 first, as
-    the reference stores them in the tail's dtype before quantizing."""
+    """Token rows of the stream (old tail + new rows) in the tail's dtype (fp16 or bf16) [N, D]: new rows are
+    cast first, as the reference stores them in the tail's dtype before quantizing."""
     channels = tl.arange(0, D)
     new = tl.load(x_ptr + rows[:, None] * stride_t + head * stride_h + channels[None, :],
-                  mask=(valid & ~from_tail)[:, None], other=0.0).to(tl.float16)
+                  mask=(valid & ~from_tail)[:, None], other=0.0).to(tail_ptr.dtype.element_ty)
     old = tl.load(tail_ptr + positions[:, None] * D + channels[None, :], mask=(valid & from_tail)[:, None],
                   other=0.0)
     return tl.where(from_tail[:, None], old, new)
@@ -193,14 +193,14 @@ def _quantize_append_kernel(
 @triton.jit
 def _write_sinks(x_ptr, stride_t, stride_h, sink_ptr, row0, head, cached, new_sinks, state_row,
                  D: tl.constexpr, NUM_SINKS: tl.constexpr, SINK_BLOCK: tl.constexpr):
-    """New tokens at positions < num_sinks go, as fp16, to the sequence's sink slots."""
+    """New tokens at positions < num_sinks go, in the sinks' dtype, to the sequence's sink slots."""
     if NUM_SINKS > 0:
         j = tl.arange(0, SINK_BLOCK)
         channels = tl.arange(0, D)[None, :]
         mask = (j < new_sinks)[:, None]
         x = tl.load(x_ptr + (row0 + j)[:, None] * stride_t + head * stride_h + channels, mask=mask)
         sink_rows = state_row * NUM_SINKS + cached + j
-        tl.store(sink_ptr + sink_rows[:, None] * D + channels, x.to(tl.float16), mask=mask)
+        tl.store(sink_ptr + sink_rows[:, None] * D + channels, x.to(sink_ptr.dtype.element_ty), mask=mask)
 
 
 def quantize_append(k: torch.Tensor, v: torch.Tensor, cu_new: torch.Tensor, num_cached: torch.Tensor,
@@ -208,8 +208,9 @@ def quantize_append(k: torch.Tensor, v: torch.Tensor, cu_new: torch.Tensor, num_
                     generator: torch.Generator | None = None, num_warps: int = 8) -> None:
     """Triton `reference.store_compressed_kv`. Nearest rounding only (`generator` is accepted for the shared
     signature and unused): stochastic rounding draws from a torch.Generator that a kernel cannot replay."""
-    if config.rounding != "nearest":
-        raise ValueError(f"the Triton quantize-append kernel implements nearest rounding, got {config.rounding!r}")
+    if config.rounding != "nearest" or config.window:
+        raise ValueError("the Triton quantize-append kernel implements nearest rounding and window=0, got "
+                         f"rounding={config.rounding!r}, window={config.window}")
     num_kv_heads, head_dim = check_append_inputs(k, v, cu_new, num_cached, block_tables, state_slots, cache, config)
     pi, batch = config.partition, num_cached.shape[0]
     max_groups = triton.cdiv(pi - 1 + k.shape[0], pi)  # a sequence fills at most this many groups in one call

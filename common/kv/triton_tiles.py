@@ -49,6 +49,34 @@ def value_codes(v_codes_ptr, token_rows, key_valid, D: tl.constexpr, BITS: tl.co
 
 
 @triton.jit
+def dequantized_group(k_codes_ptr, k_scale_ptr, k_min_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr, head_page, slot0,
+                       n_valid, D: tl.constexpr, PD: tl.constexpr, PI: tl.constexpr, BS: tl.constexpr,
+                       BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr):
+    """One page group dequantized in registers (the dequant baseline's tiles): fp32 keys [D, Π] and values
+    [Π, D], s * code + m; tokens >= n_valid are finite."""
+    NP: tl.constexpr = D // PD
+    tokens = tl.arange(0, PI)
+    valid = tokens < n_valid
+    token_rows = head_page * BS + slot0 + tokens
+    group_row = head_page * (BS // PI) + slot0 // PI
+    channels = tl.arange(0, D)
+    codes = tl.reshape(key_codes(k_codes_ptr, token_rows, valid, 1, D, D, BITS), (D, PI))
+    if KEY_CHANNEL:
+        k_offsets = group_row * D + channels[:, None]  # [D, 1]
+        k_scale = tl.load(k_scale_ptr + k_offsets).to(tl.float32)
+        k_min = tl.load(k_min_ptr + k_offsets).to(tl.float32)
+    else:
+        k_offsets = token_rows[None, :] * NP + channels[:, None] // PD  # [D, Π]
+        k_scale = tl.load(k_scale_ptr + k_offsets, mask=valid[None, :], other=0.0).to(tl.float32)
+        k_min = tl.load(k_min_ptr + k_offsets, mask=valid[None, :], other=0.0).to(tl.float32)
+    v_offsets = group_row * D + channels[None, :]  # [1, D]
+    v_scale = tl.load(v_scale_ptr + v_offsets).to(tl.float32)
+    v_min = tl.load(v_min_ptr + v_offsets).to(tl.float32)
+    values = value_codes(v_codes_ptr, token_rows, valid, D, BITS).to(tl.float32) * v_scale + v_min
+    return codes.to(tl.float32) * k_scale + k_min, values
+
+
+@triton.jit
 def hack_scores(q3, q_codes, q_scale, q_min, q_sum, k_codes_ptr, k_scale_ptr, k_min_ptr, k_sums_ptr,
                 head_page, slot0, n_valid,
                 D: tl.constexpr, PD: tl.constexpr, PI: tl.constexpr, BS: tl.constexpr, BITS: tl.constexpr,
@@ -157,3 +185,17 @@ def attend_state_tile(q3, q_pos, m_i, l_i, acc, scale_log2, state_k_ptr, state_v
                      mask=valid[:, None], other=0.0)
     visible = valid[None, :] & ((first_pos + tokens)[None, :] <= q_pos)
     return float_attend_tile(q3, keys, values, visible, m_i, l_i, acc, scale_log2, FLOAT_DOT, FP16)
+
+
+@triton.jit
+def attend_tail(q3, q_pos, m_i, l_i, acc, scale_log2, tail_k_ptr, tail_v_ptr, state_row, first_pos, n_tail,
+                PI: tl.constexpr, WINDOW: tl.constexpr, D: tl.constexpr, PD: tl.constexpr, FLOAT_DOT: tl.constexpr,
+                FP16: tl.constexpr):
+    """Online-softmax update with the 16-bit tail of one (sequence, KV head): its n_tail tokens (the open
+    partition and the 16-bit window, Π + WINDOW rows per state row) at positions first_pos..., in tiles of Π."""
+    first_row = state_row * (PI + WINDOW)
+    for chunk in range(0, tl.cdiv(n_tail, PI)):
+        m_i, l_i, acc = attend_state_tile(q3, q_pos, m_i, l_i, acc, scale_log2, tail_k_ptr, tail_v_ptr,
+                                          first_row + chunk * PI, first_pos + chunk * PI, n_tail - chunk * PI, PI,
+                                          D, PD, FLOAT_DOT, FP16)
+    return m_i, l_i, acc

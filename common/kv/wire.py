@@ -3,7 +3,8 @@
 Chunk = header (format.WIRE_HEADER, little-endian) + payload + CRC32 trailer (zlib.crc32 of header + payload,
 little-endian uint32). The payload is the chunk's tensors back to back as raw little-endian bytes, C order:
     page chunk   the fields of `KVLayout.page_fields(with_sums=False)` in order, each [Hkv, rows, width]
-    state chunk  sink_k, sink_v [Hkv, num_sink_tokens, D] then tail_k, tail_v [Hkv, num_tokens, D], fp16
+    state chunk  sink_k, sink_v [Hkv, num_sink_tokens, D] then tail_k, tail_v [Hkv, num_tokens, D], in the
+                 layout's float_dtype (fp16 or bf16: KVLayout.wire_identity, checked by the KVHeader's kv_format)
 Header fields: magic b"HKVC", version, kind (0 page, 1 state), mode (index in config.MODES), bits, key_axis
 (index in config.KEY_AXES), partition, num_kv_heads, head_dim, layer, index (page number within the layer; 0
 for state), num_tokens (page tokens, or tail tokens for state), num_sink_tokens (0 for pages).
@@ -21,7 +22,7 @@ import numpy
 import torch
 
 from common.kv.config import KEY_AXES, MODES
-from common.kv.format import (STATE_FIELDS, STORAGE_DTYPE, WIRE_HEADER, WIRE_MAGIC, WIRE_TRAILER, WIRE_VERSION,
+from common.kv.format import (STATE_FIELDS, WIRE_HEADER, WIRE_MAGIC, WIRE_TRAILER, WIRE_VERSION,
                               KVLayout, LayerKV, page_groups)
 
 PAGE, STATE = 0, 1
@@ -70,7 +71,7 @@ def encode_state(layout: KVLayout, layer: int, state: dict[str, torch.Tensor]) -
     h, d = layout.num_kv_heads, layout.head_dim
     sinks, tail = state["sink_k"].shape[1], state["tail_k"].shape[1]
     tokens = {"sink_k": sinks, "sink_v": sinks, "tail_k": tail, "tail_v": tail}
-    tensors = [_checked(state, name, (h, tokens[name], d), STORAGE_DTYPE) for name in STATE_FIELDS]
+    tensors = [_checked(state, name, (h, tokens[name], d), layout.float_dtype) for name in STATE_FIELDS]
     return _frame(layout, STATE, layer, 0, tail, sinks, tensors)
 
 
@@ -215,7 +216,7 @@ def chunk_specs(layout: KVLayout, header: ChunkHeader) -> list[TensorSpec]:
         return [(f.name, f.shape(heads, header.num_tokens), f.dtype) for f in layout.page_fields(with_sums=False)]
     tokens = {"sink_k": header.num_sinks, "sink_v": header.num_sinks, "tail_k": header.num_tokens,
               "tail_v": header.num_tokens}
-    return [(name, (heads, tokens[name], head_dim), STORAGE_DTYPE) for name in STATE_FIELDS]
+    return [(name, (heads, tokens[name], head_dim), layout.float_dtype) for name in STATE_FIELDS]
 
 
 def _verified_header(layout: KVLayout, data: memoryview) -> ChunkHeader:

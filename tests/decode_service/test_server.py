@@ -220,18 +220,23 @@ def test_another_format_version_is_refused_in_the_header_and_in_a_block(model_di
 
 
 def test_kv_of_other_cache_options_is_refused(model_dir) -> None:
-    """A prefill with another rotation seed, window or bit width would decode to wrong attention: refused."""
+    """A prefill with another rotation seed, window, bit width or 16-bit dtype (a bf16 prefill's sinks and tail
+    are bf16) would decode to wrong attention: refused."""
     async def scenario():
         async with run_services(model_dir) as services:
             prompt = random_prompt(33)
             chunks, first = encoded_kv(services, prompt)
-            other = KVConfig(seed=7).wire_identity  # another rotation
-            errors = await refused_push(services, push_messages(services, "a", prompt, chunks, first,
-                                                                kv_format=other))
+            ours = services.decode.identity["kv_format"]
+            others = {"a": KVConfig(seed=7).wire_identity,  # another rotation
+                      "b": ours.replace("dtype=float16", "dtype=bfloat16")}  # a bf16 prefill's K/V
+            assert ours not in others.values()
+            errors = [await refused_push(services, push_messages(services, request_id, prompt, chunks, first,
+                                                                 kv_format=other))
+                      for request_id, other in others.items()]
             return errors, await wait_for_free_pool(services)
 
-    (push_error, stream_error), stats = asyncio.run(scenario())
-    for error in (push_error, stream_error):
+    errors, stats = asyncio.run(scenario())
+    for error in (error for pair in errors for error in pair):
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "kv_format" in error.details()
     assert stats.used_kv_blocks == 0
 

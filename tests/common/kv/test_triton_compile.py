@@ -74,6 +74,7 @@ def _launch_every_kernel() -> None:
 
     from common.kv import triton_decode_attention as decode
     from common.kv import triton_dequant_decode as dequant
+    from common.kv import triton_dequant_prefill as dequant_prefill
     from common.kv import triton_prefill_attention as prefill
     from common.kv import triton_quantize_append as append
     from common.kv.config import PAPER_SETTING, KVConfig
@@ -84,7 +85,7 @@ def _launch_every_kernel() -> None:
         (KVConfig(**PAPER_SETTING, partition=64, key_axis="channel", num_sinks=4), 8, 4, 128, 3, True),  # Llama-3-8B, default format
         (KVConfig(**PAPER_SETTING, partition=32, bits=8, key_axis="token", num_sinks=0, sum_elimination=False,
                   requant_elimination=False), 2, 8, 64, 1, True),
-        (KVConfig(**PAPER_SETTING, partition=32, key_axis="token", num_sinks=0), 4, 2, 8, 1, False),  # tiny heads: no tl.dot
+        (KVConfig(partition=32, key_axis="token", num_sinks=0, window=8), 4, 2, 8, 1, False),  # tiny heads: no tl.dot
     ]
     for config, num_kv_heads, group, head_dim, splits, everything in cases:
         batch, _ = random_batch(config, num_kv_heads, head_dim, [1, 70], seed=0)
@@ -97,6 +98,8 @@ def _launch_every_kernel() -> None:
             k = torch.randn(3, num_kv_heads, head_dim, dtype=torch.bfloat16)
             append.quantize_append(k, k, cumulative([1, 2]), batch.seq_lens, *state)
             dequant.dequant_decode_attention(q[:2], batch.seq_lens, *state, scale, num_splits=splits)
+            dtype = torch.bfloat16 if head_dim == 128 else torch.float16  # bf16 dots for the bf16 Llama-3-8B
+            dequant_prefill.dequant_prefill_attention(q.to(dtype), cumulative([1, 70]), batch.seq_lens, *state, scale)
 
 def main() -> int:
     try:

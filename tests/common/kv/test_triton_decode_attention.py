@@ -27,16 +27,21 @@ CASES = [
     pytest.param(KVConfig(**PAPER_SETTING, partition=128, bits=8, key_axis="channel", num_sinks=0, requant_elimination=False,
                           sum_elimination=False), 4, 1, 128,
                  [1, 17, 130], 2, id="gqa1-8bit-ablations-2splits"),
+    pytest.param(KVConfig(partition=32, num_sinks=2, window=40, rotate=False), 1, 3, 32, [1, 17, 130], 2,
+                 id="gqa3-window-2splits"),  # the default format's 16-bit window: a tail of Π + 40 rows
+    pytest.param(KVConfig(partition=32, num_sinks=1, window=40, rotate=False, requant_elimination=False), 1, 3, 32,
+                 [1, 17, 130], 1, id="gqa3-window-requant"),
 ]
 
 
 @pytest.mark.parametrize("config, num_kv_heads, group, head_dim, seq_lens, num_splits", CASES)
 def test_decode_matches_reference(config, num_kv_heads, group, head_dim, seq_lens, num_splits):
-    batch, gen = random_batch(config, num_kv_heads, head_dim, seq_lens, fresh_seed(), k_scale=2.0)
+    seed = fresh_seed()
+    batch, gen = random_batch(config, num_kv_heads, head_dim, seq_lens, seed, k_scale=2.0)
     q = torch.randn(len(seq_lens), num_kv_heads * group, head_dim, generator=gen).to(DEVICE)
     args = (q, batch.seq_lens, batch.block_tables, batch.state_slots, batch.cache, config, head_dim**-0.5)
     out = decode.hack_decode_attention(*args, out=nan_like(q), num_splits=num_splits)
-    assert_attention_close(out, reference.hack_decode_attention(*args), HOMOMORPHIC)
+    assert_attention_close(out, reference.hack_decode_attention(*args), HOMOMORPHIC, seed)
 
 
 @pytest.mark.parametrize("batch, max_tiles, expected", [

@@ -27,6 +27,8 @@ CASES = [
     pytest.param(KVConfig(**PAPER_SETTING, partition=64, bits=8, key_axis="token", num_sinks=1, requant_elimination=False,
                           sum_elimination=False), 1, 8, 64,
                  [1, 17, 130], [1, 17, 3], id="gqa8-8bit-ablations-chunked"),
+    pytest.param(KVConfig(partition=32, num_sinks=2, window=40, rotate=False), 1, 3, 32, [1, 17, 130], [1, 17, 50],
+                 id="gqa3-window-chunked"),  # the default format's 16-bit window: a tail of Π + 40 rows
 ]
 
 
@@ -40,7 +42,7 @@ def test_prefill_matches_reference(config, num_kv_heads, group, head_dim, seq_le
     q = fused[:, :num_heads]  # a strided view, as sliced from a fused qkv projection
     args = (q, cu_q, batch.seq_lens, batch.block_tables, batch.state_slots, batch.cache, config, head_dim**-0.5)
     out = prefill.hack_prefill_attention(*args, out=nan_like(q))
-    assert_attention_close(out, reference.hack_attention(*args), HOMOMORPHIC)
+    assert_attention_close(out, reference.hack_attention(*args), HOMOMORPHIC, seed)
 
 
 def test_prefill_rejects_mismatched_offsets():

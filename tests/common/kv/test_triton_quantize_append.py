@@ -10,7 +10,7 @@ import torch
 
 from common.kv import reference
 from common.kv.config import PAPER_SETTING, KVConfig
-from common.kv.format import KVLayout
+from common.kv.format import KVLayout, float_dtype_for
 from common.kv.pool import KVPool
 from tests.common.kv.triton_support import DEVICE, cumulative, fresh_seed, import_kernels, interpret, poison
 
@@ -52,7 +52,7 @@ def test_append_writes_the_reference_bytes(config, num_kv_heads, head_dim, steps
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     batch = len(steps[0])
-    layout = KVLayout(config, num_kv_heads, head_dim)
+    layout = KVLayout(config, num_kv_heads, head_dim, float_dtype_for(dtype))  # bf16 inputs: bf16 sinks and tail
     max_blocks = max(layout.blocks_for(sum(step[i] for step in steps)) for i in range(batch))
     num_blocks = batch * max_blocks + 2
     expected = KVPool(layout, 1, num_blocks, batch + 2).layers[0]

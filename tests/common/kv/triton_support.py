@@ -27,7 +27,7 @@ ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 KERNEL_PACKAGE = "common.kv"
 KERNEL_MODULES = ("triton_helpers", "triton_tiles", "triton_quantize_append", "triton_decode_attention",
-                  "triton_prefill_attention", "triton_dequant_decode")
+                  "triton_prefill_attention", "triton_dequant_decode", "triton_dequant_prefill")
 
 
 class Tolerance(NamedTuple):
@@ -140,14 +140,17 @@ def nan_like(x: torch.Tensor) -> torch.Tensor:
     return torch.full_like(x, float("nan"))
 
 
-def assert_attention_close(out: torch.Tensor, expected: torch.Tensor, tolerance: Tolerance) -> None:
-    """Every output written (no poison left) and within `tolerance` of the reference."""
+def assert_attention_close(out: torch.Tensor, expected: torch.Tensor, tolerance: Tolerance,
+                           seed: int | None = None) -> None:
+    """Every output written (no poison left) and within `tolerance` of the reference; a failure names the seed
+    of the random inputs (fresh_seed), to replay it."""
     out, expected = out.float().cpu(), expected.float().cpu()
-    assert not out.isnan().any(), f"{int(out.isnan().sum())} outputs never written"
+    replay = "" if seed is None else f" (seed {seed})"
+    assert not out.isnan().any(), f"{int(out.isnan().sum())} outputs never written{replay}"
     error = (out - expected).abs().flatten()
     measured = Tolerance(float(error.max()), float(error.quantile(0.99)), float(error.mean()))
     for name, value, bound in zip(Tolerance._fields, measured, tolerance):
-        assert value <= bound, f"{name} error {value:.2e} > {bound:.0e} ({measured})"
+        assert value <= bound, f"{name} error {value:.2e} > {bound:.0e} ({measured}){replay}"
 
 def fresh_seed() -> int:
     """A new seed every run (fresh random inputs); tests put it in their failure messages to replay a run."""
