@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from bench.accuracy_sweep import (ACCURATE, PAPER, ResultLog, Shard, agreement_configs, byte_shares, bytes_table,
-                                  pareto_front, pareto_table, rotation_configs, stress_configs, sweep_configs)
+from bench.accuracy_sweep import (ACCURATE, LLAMA3_8B, PAPER, ResultLog, Shard, agreement_configs, agreement_table,
+                                  byte_shares, bytes_table, mean_wire_share, pareto_front, pareto_table,
+                                  rotation_configs, stress_configs, sweep_configs, tune_agreement_configs)
 from common.kv.config import PAPER_SETTING, KVConfig
 
 SMOLLM2 = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64}
@@ -76,3 +77,27 @@ def test_byte_shares_at_4096_tokens() -> None:
     assert wire <= 20 and round(wire, 2) == 19.59 and round(memory, 2) == 21.97
     table = bytes_table()
     assert "| `--kv-mode hack` | 112.5 | 100.3 | 21.97 | 19.59 |" in table
+
+
+def test_agreement_table_joins_held_out_and_tuning_rows(tmp_path) -> None:
+    log = ResultLog(tmp_path / "r.jsonl")
+    row = {"mean_first_divergence": 20.5, "identical_fraction": 0.25, "max_tokens": 64, "prompts": 32,
+           "token_agreement": 0.9, "median_divergence_margin": 0.31, "median_margin": 4.5}
+    log.get_or_run("agreement", ACCURATE, lambda: row)
+    log.get_or_run("tune_agreement", ACCURATE, lambda: {**row, "prompts": 16, "mean_first_divergence": 30.0})
+    old = {k: v for k, v in row.items() if k not in ("token_agreement", "median_divergence_margin", "median_margin")}
+    log.get_or_run("tune_agreement", PAPER, lambda: old)  # a row from before the teacher-forced measures
+    lines = agreement_table(log).splitlines()
+    assert len(lines) == 4 and set(agreement_configs()) <= set(tune_agreement_configs())
+    assert lines[2].startswith("| `--kv-mode hack --ranges minmax --window 0 --no-rotate` | - | - | - | - | - "
+                               "| 20.5 / 64 | 25% | - | 32 |")
+    assert lines[3].startswith("| `--kv-mode hack` | 20.5 / 64 | 25% | 90.0% | 0.31 (all: 4.50) | 32 "
+                               "| 30.0 / 64 | 25% | 90.0% | 16 | 19.59 |")
+
+
+def test_mean_wire_share_counts_the_window_over_whole_partition_cycles() -> None:
+    # one length can hide a window's cost: 128 and 176 tokens both leave 3,904 quantized tokens at 4,096
+    wider = dataclasses.replace(ACCURATE, window=176)
+    assert byte_shares(wider, **LLAMA3_8B)[0] == byte_shares(ACCURATE, **LLAMA3_8B)[0]
+    assert mean_wire_share(ACCURATE, **LLAMA3_8B) < mean_wire_share(wider, **LLAMA3_8B)
+    assert round(mean_wire_share(PAPER, **LLAMA3_8B, lengths=64), 2) < round(byte_shares(PAPER, **LLAMA3_8B)[0], 2)
