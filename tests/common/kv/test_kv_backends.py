@@ -105,6 +105,20 @@ def test_float_prefill_uses_the_original_kv_then_decode_reads_codes() -> None:
     assert torch.equal(quantized.attend(0, q[:1], k[:1], v[:1], decode_batch), mixed[:1])
 
 
+def test_hack_float_prefill_attends_on_the_codes_once_something_is_stored(monkeypatch) -> None:
+    q, k, v = _qkv(90, seed=9)
+    outs = []
+    for quantized_prefill in (True, False):
+        backend = _backend("hack", quantized_prefill=quantized_prefill)
+        monkeypatch.setattr(backend, "_stored_float", lambda *a: pytest.fail("hack dequantized stored pages"))
+        for start, n in ((0, 50), (50, 40)):
+            part = ForwardBatch.build([0], [start], [n])
+            backend.reserve(part)
+            outs.append(backend.attend(0, q[start:start + n], k[start:start + n], v[start:start + n], part))
+    assert not torch.equal(outs[0], outs[2])  # the first chunk: codes vs float
+    assert torch.equal(outs[1], outs[3])  # the second chunk reads the same codes either way
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_cache_full_leaves_the_pool_untouched(mode: str) -> None:
     backend = _backend(mode, max_tokens=128)  # two pages
