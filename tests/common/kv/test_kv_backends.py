@@ -195,10 +195,12 @@ def test_bad_batches_and_tensors_get_clear_errors() -> None:
 
 
 def test_factory_sizes_the_pool_and_validates() -> None:
-    by_tokens = make_kv_backend(KVConfig(), MODEL, "cpu", torch.float32, max_tokens=1000)
+    config = KVConfig(partition=64)  # pages of 64 tokens
+    by_tokens = make_kv_backend(config, MODEL, "cpu", torch.float32, max_tokens=1000)
     assert by_tokens.pool.num_blocks == 16
+    assert make_kv_backend(KVConfig(), MODEL, "cpu", torch.float32, max_tokens=1000).pool.num_blocks == 8  # Π=128
     budget = by_tokens.pool.layout.block_bytes * 2 * 10 + by_tokens.pool.layout.state_bytes * 2 * 64
-    assert make_kv_backend(KVConfig(), MODEL, "cpu", torch.float32, memory_bytes=budget).pool.num_blocks == 10
+    assert make_kv_backend(config, MODEL, "cpu", torch.float32, memory_bytes=budget).pool.num_blocks == 10
     with pytest.raises(ValueError, match="exactly one"):
         make_kv_backend(KVConfig(), MODEL, "cpu", torch.float32)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
