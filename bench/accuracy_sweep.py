@@ -33,10 +33,12 @@ from common.kv.options import kv_flags
 from common.loader import LoadedModel, load_model
 
 LLAMA3_8B = {"num_layers": 32, "num_kv_heads": 8, "head_dim": 128}  # its 32 query heads do not change KV bytes
-KINDS = ("heldout", "tune", "agreement", "attention_error", "stress")  # the measurements, as the results file names them
+# the measurements, as the results file names them
+KINDS = ("heldout", "tune", "agreement", "tune_agreement", "attention_error", "stress")
 BYTES_AT = 4096  # prompt tokens at which the byte shares are stated (the issue's acceptance point)
 PAPER = KVConfig(mode="hack", bits=2, partition=64, ranges="minmax", rotate=False, window=0)  # HACK's setting
-ACCURATE = dataclasses.replace(PAPER, ranges="mse", rotate=True, window=128)
+PREVIOUS = dataclasses.replace(PAPER, ranges="mse", rotate=True, window=128)  # the defaults before Π=128
+ACCURATE = dataclasses.replace(PREVIOUS, partition=128, block_size=0, window=160)  # the defaults
 
 
 # -- what is measured ----------------------------------------------------------------------------------------------
@@ -44,17 +46,28 @@ ACCURATE = dataclasses.replace(PAPER, ranges="mse", rotate=True, window=128)
 
 def sweep_configs() -> list[KVConfig]:
     """fp16, the paper's 2-bit setting (hack and dequant) and 4 bits, each technique alone on top of the paper's
-    setting, their combinations, and the full combination on dequant."""
+    setting, their combinations (the previous defaults at Π=64 and the defaults), and the defaults on dequant."""
     one_at_a_time = [dataclasses.replace(PAPER, **change) for change in
                      ({"ranges": "mse"}, {"rotate": True}, {"window": 128})]
-    combined = [dataclasses.replace(PAPER, ranges="mse", rotate=True), dataclasses.replace(PAPER, ranges="mse",
-                                                                                           window=128), ACCURATE]
+    combined = [dataclasses.replace(PAPER, ranges="mse", rotate=True),
+                dataclasses.replace(PAPER, ranges="mse", window=128), PREVIOUS, ACCURATE]
     return [KVConfig(mode="fp16"), PAPER, dataclasses.replace(PAPER, mode="dequant"),
             dataclasses.replace(PAPER, bits=4), *one_at_a_time, *combined, dataclasses.replace(ACCURATE, mode="dequant")]
 
 
 def agreement_configs() -> list[KVConfig]:
-    return [PAPER, ACCURATE, dataclasses.replace(PAPER, bits=4)]
+    """Held-out greedy agreement: the defaults, the paper's setting, and two near-lossless noise floors (4 bits;
+    a window covering prompt and output, so that nothing is quantized and only the rotation's roundoff is left)."""
+    return [PAPER, PREVIOUS, ACCURATE, dataclasses.replace(PAPER, bits=4), dataclasses.replace(PREVIOUS, window=512)]
+
+
+def tune_agreement_configs() -> list[KVConfig]:
+    """Greedy agreement on the tuning text: the held-out ones and the candidates, changes to the previous defaults
+    for raising it within the wire budget (more sinks, a longer window, one bought with Π=128 (the defaults), float
+    prefill attention)."""
+    candidates = [dataclasses.replace(PREVIOUS, **change) for change in (
+        {"window": 0}, {"num_sinks": 16, "window": 116}, {"window": 160}, {"quantized_prefill": False})]
+    return agreement_configs() + candidates
 
 
 def rotation_configs() -> list[KVConfig]:
@@ -64,7 +77,7 @@ def rotation_configs() -> list[KVConfig]:
 
 
 def stress_configs() -> list[KVConfig]:
-    return [KVConfig(mode="fp16"), PAPER, dataclasses.replace(PAPER, ranges="mse", rotate=True), ACCURATE,
+    return [KVConfig(mode="fp16"), PAPER, dataclasses.replace(PAPER, ranges="mse", rotate=True), PREVIOUS, ACCURATE,
             dataclasses.replace(PAPER, bits=4)]
 
 
@@ -72,7 +85,9 @@ def stress_configs() -> list[KVConfig]:
 
 
 def config_key(config: KVConfig) -> str:
-    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+    """The full configuration, or only the mode for fp16, whose result no compressed-storage option changes (so a
+    change of those defaults keeps its rows)."""
+    return json.dumps(dataclasses.asdict(config) if config.compressed else {"mode": config.mode}, sort_keys=True)
 
 
 class ResultLog:
@@ -142,7 +157,8 @@ def run_all(args: argparse.Namespace, log: ResultLog, shard: Shard) -> None:
     loaded = load_model(model_from_env(args.model), dtype="float32", device="cpu")
     tune_text = perplexity.read_text_prefix(args.tune_text, args.tokens)
     text = perplexity.read_text_prefix(args.text, args.tokens)
-    greedy = GreedyReference(loaded, args)
+    greedy = GreedyReference(loaded, args.text, args.prompts, args)
+    tune_greedy = GreedyReference(loaded, args.tune_text, args.tune_prompts, args)
 
     def tune(config: KVConfig) -> dict:
         return perplexity.evaluate(loaded, config, tune_text, args.context, args.tokens)
@@ -157,6 +173,7 @@ def run_all(args: argparse.Namespace, log: ResultLog, shard: Shard) -> None:
     rest = [c for c in sweep_configs() if c not in first]
     tasks += [("heldout", c, heldout) for c in rest] + [("tune", c, tune) for c in first[2:] + rest]
     tasks += [("agreement", c, greedy.agreement) for c in agreement_configs() if c != ACCURATE]
+    tasks += [("tune_agreement", c, tune_greedy.agreement) for c in tune_agreement_configs()]
     for kind, config, measure in tasks:
         if shard.mine() and kind in args.kinds:
             log.get_or_run(kind, config, lambda c=config, m=measure: m(c))
@@ -171,20 +188,22 @@ def run_all(args: argparse.Namespace, log: ResultLog, shard: Shard) -> None:
 
 
 class GreedyReference:
-    """Agreement prompts from the held-out text and the fp16 greedy outputs, made once when first needed."""
+    """Agreement prompts from one text and the fp16 greedy outputs, made once when first needed."""
 
-    def __init__(self, loaded: LoadedModel, args: argparse.Namespace) -> None:
-        self.loaded, self.args = loaded, args
+    def __init__(self, loaded: LoadedModel, text: str, prompts: int, args: argparse.Namespace) -> None:
+        self.loaded, self.text, self.count, self.args = loaded, text, prompts, args
         self.prompts: list[list[int]] = []
         self.reference: list[list[int]] = []
+        self.gaps: list[list[float]] = []
 
     def agreement(self, config: KVConfig) -> dict:
         if not self.reference:
-            self.prompts = agreement.load_prompts(self.loaded, self.args.text, self.args.prompts,
-                                                  self.args.prompt_tokens)
+            self.prompts = agreement.load_prompts(self.loaded, self.text, self.count, self.args.prompt_tokens)
             self.reference = agreement.greedy_outputs(self.loaded, KVConfig(mode="fp16"), self.prompts,
                                                       self.args.max_tokens)
-        return agreement.agreement(self.loaded, config, self.prompts, self.args.max_tokens, self.reference)
+            self.gaps = agreement.forced_choices(self.loaded, KVConfig(mode="fp16"), self.prompts, self.reference)[1]
+        return agreement.agreement(self.loaded, config, self.prompts, self.args.max_tokens, self.reference,
+                                   self.gaps)
 
 
 def run_attention_error(log: ResultLog, shard: Shard, kinds: tuple[str, ...] = KINDS, tokens: int = 512,
@@ -209,6 +228,15 @@ def byte_shares(config: KVConfig, num_layers: int, num_kv_heads: int, head_dim: 
     layout, fp16 = (KVLayout(c, num_kv_heads, head_dim) for c in (config, KVConfig(mode="fp16")))
     return (100 * layout.wire_bytes(tokens, num_layers) / fp16.wire_bytes(tokens, num_layers),
             100 * layout.memory_bytes(tokens, num_layers) / fp16.memory_bytes(tokens, num_layers))
+
+
+def mean_wire_share(config: KVConfig, num_layers: int, num_kv_heads: int, head_dim: int, tokens: int = BYTES_AT,
+                    lengths: int = 256) -> float:
+    """Wire % of fp16 over prompt lengths tokens .. tokens + lengths - 1: the tail holds between W and W + Π - 1
+    tokens, so one length alone can hide part of a window's cost (256 lengths span whole Π = 64 and 128 cycles)."""
+    layout, fp16 = (KVLayout(c, num_kv_heads, head_dim) for c in (config, KVConfig(mode="fp16")))
+    span = range(tokens, tokens + lengths)
+    return 100 * sum(layout.wire_bytes(n, num_layers) for n in span) / sum(fp16.wire_bytes(n, num_layers) for n in span)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
@@ -245,13 +273,29 @@ def _change(row: dict, baseline: dict) -> str:
 
 
 def agreement_table(log: ResultLog) -> str:
-    lines = ["| flags | mean first divergence | identical outputs | prompts |", "|---|---|---|---|"]
-    for config in agreement_configs():
-        row = log.get("agreement", config)
-        if row:
-            lines.append(f"| `{flags_of(config)}` | {row['mean_first_divergence']:.1f} / {row['max_tokens']} "
-                         f"| {100 * row['identical_fraction']:.0f}% | {row['prompts']} |")
+    lines = ["| flags | held-out: mean first divergence | identical | token agreement | fp16 gap at divergences "
+             "(median) | prompts | tuning: mean first divergence | identical | token agreement | prompts "
+             "| wire % fp16 (Llama-3-8B, 4,096) | wire % fp16 (mean, 4,096-4,351) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for config in tune_agreement_configs():
+        held, tune = (log.get(kind, config) for kind in ("agreement", "tune_agreement"))
+        if not (held or tune):
+            continue
+        cells = [_agreement_cells(held, gap=True), _agreement_cells(tune, gap=False)]
+        lines.append(f"| `{flags_of(config)}` | {cells[0]} | {cells[1]} | {byte_shares(config, **LLAMA3_8B)[0]:.2f} "
+                     f"| {mean_wire_share(config, **LLAMA3_8B):.2f} |")
     return "\n".join(lines)
+
+
+def _agreement_cells(row: dict | None, gap: bool) -> str:
+    if row is None:
+        return " | ".join("-" * (5 if gap else 4))
+    cells = [f"{row['mean_first_divergence']:.1f} / {row['max_tokens']}", f"{100 * row['identical_fraction']:.0f}%",
+             f"{100 * row['token_agreement']:.1f}%" if "token_agreement" in row else "-"]
+    if gap:
+        margin = row.get("median_divergence_margin")
+        cells.append(f"{margin:.2f} (all: {row['median_margin']:.2f})" if margin is not None else "-")
+    return " | ".join(cells + [str(row["prompts"])])
 
 
 def attention_table(log: ResultLog) -> str:
@@ -281,7 +325,7 @@ def bytes_table(tokens: int = BYTES_AT) -> str:
     layers, heads, head_dim = LLAMA3_8B["num_layers"], LLAMA3_8B["num_kv_heads"], LLAMA3_8B["head_dim"]
     lines = ["| flags | memory MiB | wire MiB | memory % fp16 | wire % fp16 |", "|---|---|---|---|---|"]
     configs = [KVConfig(mode="fp16"), PAPER, *(dataclasses.replace(PAPER, window=w) for w in (64, 128)),
-               dataclasses.replace(ACCURATE, partition=128, block_size=0), ACCURATE, dataclasses.replace(PAPER, bits=4)]
+               PREVIOUS, ACCURATE, dataclasses.replace(PAPER, bits=4)]
     for config in configs:
         layout = KVLayout(config, heads, head_dim)
         memory, wire = layout.memory_bytes(tokens, layers), layout.wire_bytes(tokens, layers)
@@ -303,7 +347,12 @@ def sections(args: argparse.Namespace, log: ResultLog, model_name: str, model_sh
                     "16-bit state slot. Pareto: no other row has both fewer Llama-3-8B wire bytes and a lower "
                     "held-out perplexity. Rows by wire bytes.")
     agree_intro = (f"{model_name}, {args.prompts} prompts of {args.prompt_tokens} tokens from the held-out text (one "
-                   f"paragraph per line), {args.max_tokens} greedy tokens each, compared with fp16 KV.")
+                   f"paragraph per line) and {args.tune_prompts} from the tuning text, {args.max_tokens} greedy tokens "
+                   "each, compared with fp16 KV (`common.eval.agreement`). Token agreement: the share of positions "
+                   "where the configuration picks fp16's token on fp16's history; fp16 gap: fp16's top-1 minus "
+                   "top-2 logit at the divergences (median) and at all positions. Rows without them were measured "
+                   "by free-running greedy decoding before the tool went teacher-forced (the same first "
+                   "divergence). Flags are relative to the defaults (Π = 128, a 160-token window).")
     attention_intro = ("Synthetic K/V (`common.eval.attention_error --sink-tokens 1`): 4 query heads on 1 KV head, "
                        "head_dim 128, 4 outlier key channels (10x, offset 5), token 0 an attention sink, a 512-token "
                        "prompt, error over 64 decode steps; 2 bits, Π=64, 4 sinks.")
@@ -332,13 +381,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--questions", type=int, default=300, help="next-word questions from the held-out pass")
     parser.add_argument("--min-position", type=int, default=128, help="next-word questions: earliest position")
     parser.add_argument("--prompts", type=int, default=32, help="agreement: prompts")
+    parser.add_argument("--tune-prompts", type=int, default=16, help="agreement on the tuning text: prompts")
     parser.add_argument("--prompt-tokens", type=int, default=256, help="agreement: prompt length")
     parser.add_argument("--max-tokens", type=int, default=64, help="agreement: greedy tokens per prompt")
     parser.add_argument("--stress-model", help="a second, tiny model run as a stress test (stories260K)")
     parser.add_argument("--stress-text", default="../shared/data/tinystories_val.txt")
     parser.add_argument("--stress-tokens", type=int, default=4096)
     parser.add_argument("--stress-context", type=int, default=256)
-    parser.add_argument("--results", default="results/accuracy/results.jsonl", help="JSON lines, resumable")
+    parser.add_argument("--results", default="docs/accuracy-results.jsonl",
+                        help="JSON lines, resumable (the default one is committed: the tables' source)")
     parser.add_argument("--shard", default="0/1", help="K/N: run every N-th measurement from the K-th")
     parser.add_argument("--write", help="markdown file whose generated sections are replaced")
     parser.add_argument("--tables-only", action="store_true", help="measure nothing: tables from --results")

@@ -11,8 +11,13 @@ partitions. --spread-lengths then cuts prompt i by (29 i mod Π) tokens: how ful
 open partition is when generation starts decides when the first flush to codes happens, and
 equal prompt lengths would make that moment the same for every prompt.
 
-For each prompt both configurations generate --max-tokens greedy tokens (EOS ignored); the
-first position where the token ids differ is the divergence (= max-tokens when identical).
+For each prompt fp16 generates --max-tokens greedy tokens (EOS ignored); the configuration then
+reads that same output teacher-forced (prefill of the prompt, one decode step per token) and picks
+its own greedy token at each position. Its first pick that differs is the divergence (= max-tokens
+when none does): up to there its free-running output would be fp16's, so this is where its greedy
+output first departs. The picks after it give a steadier measure, the fraction of positions where
+the configuration's choice equals fp16's on fp16's history (`token_agreement`), and fp16's own
+top-1 minus top-2 logit gap at each divergence (`divergence_margins`) tells near-ties apart.
 The last stdout line is JSON with the number of prompts used (fewer than --prompts when the text
 runs out; stderr says so), the mean divergence position and the fraction of identical outputs.
 Bad input exits with status 2 and a one-line error.
@@ -21,15 +26,18 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import re
 import json
+import re
 import sys
+
+import torch
 
 from common.default_model import model_from_env
 from common.engine import Engine
 from common.eval.backend import backend_for_sequences
 from common.kv.options import add_kv_arguments, kv_config_from_args
 from common.kv.config import KVConfig
+from common.kv.interface import ForwardBatch
 from common.loader import LoadedModel, load_model
 from common.sampling import SamplingParams
 
@@ -84,26 +92,73 @@ def greedy_outputs(loaded: LoadedModel, kv_config: KVConfig, prompts: list[list[
     return [c.token_ids for c in Engine(loaded, backend).generate(prompts, [params] * len(prompts))]
 
 
+def forced_choices(loaded: LoadedModel, kv_config: KVConfig, prompts: list[list[int]],
+                   outputs: list[list[int]]) -> tuple[list[list[int]], list[list[float]]]:
+    """Teacher-forced greedy picks: prefill every prompt, then feed outputs[i] one decode step per token (as
+    Engine.generate would, batch for batch). Per prompt, the argmax after the prompt and after each fed token
+    (len(outputs[i]) picks), and the top-1 minus top-2 logit gap of each pick."""
+    device = next(loaded.model.parameters()).device
+    backend = backend_for_sequences(loaded, kv_config, [len(p) + len(o) for p, o in zip(prompts, outputs)])
+    ids = list(range(len(prompts)))
+    picks: list[list[int]] = [[] for _ in ids]
+    gaps: list[list[float]] = [[] for _ in ids]
+    batch = ForwardBatch.build(ids, [0] * len(ids), [len(p) for p in prompts], device)
+    tokens = [t for p in prompts for t in p]
+    try:
+        for step in range(max(len(o) for o in outputs)):
+            backend.reserve(batch)
+            with torch.no_grad():
+                logits = loaded.model(torch.tensor(tokens, device=device), batch, backend)
+            top = logits.float().topk(2, dim=-1)
+            for row, i in enumerate(batch.seq_ids):
+                picks[i].append(int(top.indices[row, 0]))
+                gaps[i].append(float(top.values[row, 0] - top.values[row, 1]))
+            live = [i for i in batch.seq_ids if step + 1 < len(outputs[i])]
+            if not live:
+                break
+            batch = ForwardBatch.build(live, [len(prompts[i]) + step for i in live], [1] * len(live), device)
+            tokens = [outputs[i][step] for i in live]
+    finally:
+        for i in ids:
+            backend.free(i)
+    return picks, gaps
+
+
 def first_divergence(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def agreement(loaded: LoadedModel, kv_config: KVConfig, prompts: list[list[int]], max_tokens: int,
-              reference: list[list[int]] | None = None) -> dict:
-    """Compare kv_config's greedy outputs with `reference` (computed with fp16 KV when not given)."""
+              reference: list[list[int]] | None = None, reference_gaps: list[list[float]] | None = None) -> dict:
+    """Compare kv_config's greedy choices with `reference`, fp16's greedy outputs (generated when not given), on
+    fp16's history; `reference_gaps`, fp16's top-1 minus top-2 logit gaps along them (computed when not given)."""
     if reference is None:
         reference = greedy_outputs(loaded, KVConfig(mode="fp16"), prompts, max_tokens)
-    candidate = greedy_outputs(loaded, kv_config, prompts, max_tokens)
-    positions = [first_divergence(r, c) for r, c in zip(reference, candidate)]
+    if reference_gaps is None:
+        reference_gaps = forced_choices(loaded, KVConfig(mode="fp16"), prompts, reference)[1]
+    picks, _ = forced_choices(loaded, kv_config, prompts, reference)
+    positions = [first_divergence(r, c) for r, c in zip(reference, picks)]
+    matches = [sum(x == y for x, y in zip(r, c)) for r, c in zip(reference, picks)]
+    margins = [gaps[p] for gaps, p in zip(reference_gaps, positions) if p < len(gaps)]
+    all_gaps = sorted(g for gaps in reference_gaps for g in gaps)
     return {
         "prompts": len(prompts),
         "prompt_tokens": sum(len(p) for p in prompts) / len(prompts),
         "max_tokens": max_tokens,
         "mean_first_divergence": sum(positions) / len(positions),
         "identical_fraction": sum(p == max_tokens for p in positions) / len(positions),
+        "token_agreement": sum(matches) / sum(len(r) for r in reference),
         "first_divergence": positions,
+        "divergence_margins": [round(m, 4) for m in margins],
+        "median_divergence_margin": _median(margins),
+        "median_margin": _median(all_gaps),
         "kv_config": kv_config.__dict__,
     }
+
+
+def _median(values: list[float]) -> float | None:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else None
 
 
 def load_prompts(loaded: LoadedModel, path: str, count: int, prompt_tokens: int | None) -> list[list[int]]:

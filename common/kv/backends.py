@@ -272,8 +272,11 @@ class Fp16KVBackend(PagedKVBackend):
 class CompressedKVBackend(PagedKVBackend):
     """HACK storage; attention on the codes (mode "hack") or on dequantized K/V (mode "dequant").
 
-    With quantized_prefill off, multi-token forwards attend in float to the new tokens' original K/V (plus the
-    previously stored tokens, dequantized); only decode then reads the compressed form. With rotate, K, V and q
+    With quantized_prefill off, a prompt's forward attends in float to its original K/V (FlashAttention-style, as
+    KIVI and the paper's artifact prefill): what it stores, and what decode then reads, are the same codes, but
+    the prompt's hidden states, hence every layer's stored K/V, carry no quantization error of earlier layers.
+    In hack mode only a forward with nothing stored yet does (a later chunk attends on the codes: hack never
+    dequantizes a page); dequant mode attends to the stored tokens dequantized. With rotate, K, V and q
     enter rotated per KV head and the output leaves rotated back (format.py), so the ops never see the rotation.
     """
 
@@ -294,20 +297,28 @@ class CompressedKVBackend(PagedKVBackend):
     def _attend_stored(self, cache: Cache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
                        t: BatchTensors) -> torch.Tensor:
         """Store k, v and attend, all in the stored (possibly rotated) basis."""
-        float_seqs = [] if self.config.quantized_prefill else [i for i, n in enumerate(batch.num_new) if n > 1]
-        contexts = [self._stored_float(cache, t, i) for i in float_seqs]  # read before the new tokens land
+        float_seqs = self._float_prefill_seqs(batch)
+        # what is stored already, read before the new tokens land (dequant mode only: hack's have nothing stored)
+        contexts = [self._stored_float(cache, t, i) if batch.num_cached[i] else None for i in float_seqs]
         self._op("store_compressed_kv")(k, v, t.cu_new, t.num_cached, t.block_tables, t.state_slots, cache,
                                         self.config, self.generator)
         out = torch.empty_like(q)
         compressed_seqs = [i for i in range(len(batch.seq_ids)) if i not in float_seqs]
         if compressed_seqs:
             self._compressed_attention(cache, q, batch, t, compressed_seqs, out)
-        for i, (ctx_k, ctx_v) in zip(float_seqs, contexts):
+        for i, context in zip(float_seqs, contexts):
             rows = batch.rows(i)
-            keys = torch.cat([ctx_k, k[rows].transpose(0, 1).float()], dim=1)
-            values = torch.cat([ctx_v, v[rows].transpose(0, 1).float()], dim=1)
+            keys, values = (x[rows].transpose(0, 1).float() for x in (k, v))
+            if context is not None:
+                keys, values = torch.cat([context[0], keys], dim=1), torch.cat([context[1], values], dim=1)
             out[rows] = self._op("causal_attention")(q[rows], keys, values, self.softmax_scale)
         return out
+
+    def _float_prefill_seqs(self, batch: ForwardBatch) -> list[int]:
+        if self.config.quantized_prefill:
+            return []
+        return [i for i, (cached, new) in enumerate(zip(batch.num_cached, batch.num_new))
+                if new > 1 and (cached == 0 or self.config.mode == "dequant")]
 
     def _stored_float(self, cache: Cache, t: BatchTensors, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._op("dequantize_sequence")(cache, t.block_tables[i], int(t.state_slots[i]),

@@ -6,9 +6,11 @@ import json
 
 import pytest
 
-from bench.accuracy_sweep import (ACCURATE, PAPER, ResultLog, Shard, agreement_configs, byte_shares, bytes_table,
-                                  pareto_front, pareto_table, rotation_configs, stress_configs, sweep_configs)
-from common.kv.config import PAPER_SETTING, KVConfig
+from bench.accuracy_sweep import (ACCURATE, LLAMA3_8B, PAPER, PREVIOUS, ResultLog, Shard, agreement_configs,
+                                  agreement_table,
+                                  byte_shares, bytes_table, mean_wire_share, pareto_front, pareto_table,
+                                  rotation_configs, stress_configs, sweep_configs, tune_agreement_configs)
+from common.kv.config import PAPER_PARTITION, PAPER_SETTING, KVConfig
 
 SMOLLM2 = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64}
 
@@ -17,7 +19,8 @@ def test_the_sweep_holds_fp16_the_paper_setting_the_defaults_and_each_technique_
     configs = sweep_configs()
     assert len(set(configs)) == len(configs)
     assert configs[0] == KVConfig(mode="fp16") and PAPER in configs and KVConfig() in configs
-    assert PAPER == KVConfig(**PAPER_SETTING) and ACCURATE == KVConfig()
+    assert PAPER == KVConfig(partition=PAPER_PARTITION, **PAPER_SETTING) and ACCURATE == KVConfig()
+    assert PREVIOUS in configs and PREVIOUS.partition == 64 and PREVIOUS.window == 128
     for change in ({"ranges": "mse"}, {"rotate": True}, {"window": 128}):
         assert dataclasses.replace(PAPER, **change) in configs
     for config in agreement_configs() + stress_configs() + rotation_configs():
@@ -35,6 +38,8 @@ def test_result_log_runs_each_measurement_once_and_resumes(tmp_path) -> None:
     assert again == row and calls == [1]
     assert ResultLog(path).get("heldout", PAPER) is None
     assert [json.loads(line)["kind"] for line in path.read_text().splitlines()] == ["tune"]
+    log.get_or_run("tune", KVConfig(mode="fp16", partition=32), lambda: {"perplexity": 4.0, "tokens": 3})
+    assert ResultLog(path).get("tune", KVConfig(mode="fp16"))["perplexity"] == 4.0  # fp16 ignores storage options
 
 
 def test_shards_split_the_measurements() -> None:
@@ -66,13 +71,40 @@ def test_pareto_table_rows_compare_with_fp16(tmp_path) -> None:
     paper = next(line for line in lines if "--window 0" in line)
     assert "| 12.000 | +50.0% | 5.000 | +25.0% |" in paper and paper.endswith("| yes |")
     accurate = next(line for line in lines if line.startswith("| `--kv-mode hack` "))
-    assert "| 8.200 | +2.5% | 4.100 | +2.5% |" in accurate and "| 19.59 | 21.97 |" in accurate
+    assert "| 8.200 | +2.5% | 4.100 | +2.5% |" in accurate and "| 19.44 | 21.97 |" in accurate
 
 
 def test_byte_shares_at_4096_tokens() -> None:
     # Llama-3-8B shape, 2 bits, Π=64: 4 sinks, 63 quantized partitions, a 60-token tail (see docs/accuracy.md)
-    assert round(byte_shares(PAPER, 32, 8, 128)[0], 2) == 16.95
+    assert round(byte_shares(PAPER, 32, 8, 128)[0], 2) == 16.96
+    assert round(byte_shares(PREVIOUS, 32, 8, 128)[0], 2) == 19.59
+    # the defaults, Π=128 and a 160-token window: fewer wire bytes than Π=64 and 128 at the same memory
     wire, memory = byte_shares(ACCURATE, 32, 8, 128)
-    assert wire <= 20 and round(wire, 2) == 19.59 and round(memory, 2) == 21.97
+    assert wire <= 20 and round(wire, 2) == 19.44 and round(memory, 2) == 21.97
+    assert mean_wire_share(ACCURATE, 32, 8, 128) < mean_wire_share(PREVIOUS, 32, 8, 128) < 20
     table = bytes_table()
-    assert "| `--kv-mode hack` | 112.5 | 100.3 | 21.97 | 19.59 |" in table
+    assert "| `--kv-mode hack` | 112.5 | 99.5 | 21.97 | 19.44 |" in table
+
+
+def test_agreement_table_joins_held_out_and_tuning_rows(tmp_path) -> None:
+    log = ResultLog(tmp_path / "r.jsonl")
+    row = {"mean_first_divergence": 20.5, "identical_fraction": 0.25, "max_tokens": 64, "prompts": 32,
+           "token_agreement": 0.9, "median_divergence_margin": 0.31, "median_margin": 4.5}
+    log.get_or_run("agreement", ACCURATE, lambda: row)
+    log.get_or_run("tune_agreement", ACCURATE, lambda: {**row, "prompts": 16, "mean_first_divergence": 30.0})
+    old = {k: v for k, v in row.items() if k not in ("token_agreement", "median_divergence_margin", "median_margin")}
+    log.get_or_run("tune_agreement", PAPER, lambda: old)  # a row from before the teacher-forced measures
+    lines = agreement_table(log).splitlines()
+    assert len(lines) == 4 and set(agreement_configs()) <= set(tune_agreement_configs())
+    assert lines[2].startswith("| `--kv-mode hack --partition 64 --ranges minmax --window 0 --no-rotate` "
+                               "| - | - | - | - | - | 20.5 / 64 | 25% | - | 32 |")
+    assert lines[3].startswith("| `--kv-mode hack` | 20.5 / 64 | 25% | 90.0% | 0.31 (all: 4.50) | 32 "
+                               "| 30.0 / 64 | 25% | 90.0% | 16 | 19.44 |")
+
+
+def test_mean_wire_share_counts_the_window_over_whole_partition_cycles() -> None:
+    # one length can hide a window's cost: 128 and 176 tokens both leave 3,904 quantized tokens at 4,096
+    wider = dataclasses.replace(ACCURATE, window=176)
+    assert byte_shares(wider, **LLAMA3_8B)[0] == byte_shares(ACCURATE, **LLAMA3_8B)[0]
+    assert mean_wire_share(ACCURATE, **LLAMA3_8B) < mean_wire_share(wider, **LLAMA3_8B)
+    assert round(mean_wire_share(PAPER, **LLAMA3_8B, lengths=64), 2) < round(byte_shares(PAPER, **LLAMA3_8B)[0], 2)

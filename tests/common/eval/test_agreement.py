@@ -58,6 +58,19 @@ def test_compressed_modes_are_exact_while_everything_is_16_bit(stories_model, ti
         assert result["prompt_tokens"] == sum(len(p) for p in prompts) / 3 < 40
 
 
+def test_teacher_forced_divergence_is_where_free_running_greedy_departs(stories_model, tinystories_text) -> None:
+    prompts = load_prompts(stories_model, str(tinystories_text), 4, prompt_tokens=70)
+    reference = greedy_outputs(stories_model, KVConfig(mode="fp16"), prompts, 12)
+    lossy = KVConfig(mode="hack", partition=32, num_sinks=0, ranges="minmax", rotate=False, window=0)
+    free_running = greedy_outputs(stories_model, lossy, prompts, 12)
+    result = agreement(stories_model, lossy, prompts, 12, reference)
+    assert result["first_divergence"] == [first_divergence(r, c) for r, c in zip(reference, free_running)]
+    assert result["first_divergence"] != [12] * 4  # the check means something: some output departs
+    diverged = sum(p < 12 for p in result["first_divergence"])
+    assert len(result["divergence_margins"]) == diverged and all(m >= 0 for m in result["divergence_margins"])
+    assert sum(result["first_divergence"]) / 48 <= result["token_agreement"] < 1
+
+
 @pytest.mark.parametrize("args, message", [
     (["--text", "/nonexistent/text.txt"], "No such file"),
     (["--prompts", "0"], "--prompts must be >= 1"),

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from common.eval.perplexity import evaluate, main, read_text_prefix, text_windows
-from common.kv.config import PAPER_SETTING, KVConfig
+from common.kv.config import PAPER_PARTITION, PAPER_SETTING, KVConfig
 from common.kv.format import KVLayout
 
 STORIES_BYTES_PER_TOKEN_FP16 = 2 * 4 * 8 * 2 * 5  # K and V, 4 KV heads, head_dim 8, fp16, 5 layers
@@ -77,9 +77,10 @@ def fp16_result(stories_model, text) -> dict:
     return evaluate(stories_model, KVConfig(mode="fp16"), text, context=97, max_tokens=150)
 
 
-@pytest.mark.parametrize("config", [KVConfig(mode="dequant", bits=2, partition=32, key_axis="channel"),
-                                    KVConfig(mode="hack", bits=2, partition=32, key_axis="channel"),
-                                    KVConfig(mode="hack", bits=4, partition=32, key_axis="token", num_sinks=1)])
+@pytest.mark.parametrize("config", [KVConfig(mode="dequant", bits=2, partition=32, key_axis="channel", window=0),
+                                    KVConfig(mode="hack", bits=2, partition=32, key_axis="channel", window=0),
+                                    KVConfig(mode="hack", bits=4, partition=32, key_axis="token", num_sinks=1,
+                                             window=0)])
 def test_compressed_modes_are_no_better_than_fp16(stories_model, text, fp16_result, config) -> None:
     result = evaluate(stories_model, config, text, context=97, max_tokens=150)  # windows of 97 and 55 tokens
     assert result["tokens"] == fp16_result["tokens"] == 150
@@ -94,7 +95,8 @@ def test_compressed_modes_are_no_better_than_fp16(stories_model, text, fp16_resu
 
 
 def test_two_bit_memory_matches_a_hand_count(stories_model, text) -> None:
-    result = evaluate(stories_model, KVConfig(mode="hack", **PAPER_SETTING), text, context=256, max_tokens=20)
+    paper = KVConfig(mode="hack", partition=PAPER_PARTITION, **PAPER_SETTING)
+    result = evaluate(stories_model, paper, text, context=256, max_tokens=20)
     # 2 bits, Π=64, channel keys, 4 sinks: 252 compressed tokens -> 4 pages of 64 tokens x 4 heads, each
     # K and V codes 512 B, K and V scale+min 128 B, K sums (int16 per token) 512 B, V sums 64 B = 1856 B;
     # one state slot: 4 sink + 64 tail tokens of fp16 K and V = 68 * 2 * 4 * 8 * 2 B = 8704 B; 5 layers.

@@ -105,6 +105,20 @@ def test_float_prefill_uses_the_original_kv_then_decode_reads_codes() -> None:
     assert torch.equal(quantized.attend(0, q[:1], k[:1], v[:1], decode_batch), mixed[:1])
 
 
+def test_hack_float_prefill_attends_on_the_codes_once_something_is_stored(monkeypatch) -> None:
+    q, k, v = _qkv(90, seed=9)
+    outs = []
+    for quantized_prefill in (True, False):
+        backend = _backend("hack", quantized_prefill=quantized_prefill)
+        monkeypatch.setattr(backend, "_stored_float", lambda *a: pytest.fail("hack dequantized stored pages"))
+        for start, n in ((0, 50), (50, 40)):
+            part = ForwardBatch.build([0], [start], [n])
+            backend.reserve(part)
+            outs.append(backend.attend(0, q[start:start + n], k[start:start + n], v[start:start + n], part))
+    assert not torch.equal(outs[0], outs[2])  # the first chunk: codes vs float
+    assert torch.equal(outs[1], outs[3])  # the second chunk reads the same codes either way
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_cache_full_leaves_the_pool_untouched(mode: str) -> None:
     backend = _backend(mode, max_tokens=128)  # two pages
@@ -181,10 +195,12 @@ def test_bad_batches_and_tensors_get_clear_errors() -> None:
 
 
 def test_factory_sizes_the_pool_and_validates() -> None:
-    by_tokens = make_kv_backend(KVConfig(), MODEL, "cpu", torch.float32, max_tokens=1000)
+    config = KVConfig(partition=64)  # pages of 64 tokens
+    by_tokens = make_kv_backend(config, MODEL, "cpu", torch.float32, max_tokens=1000)
     assert by_tokens.pool.num_blocks == 16
+    assert make_kv_backend(KVConfig(), MODEL, "cpu", torch.float32, max_tokens=1000).pool.num_blocks == 8  # Π=128
     budget = by_tokens.pool.layout.block_bytes * 2 * 10 + by_tokens.pool.layout.state_bytes * 2 * 64
-    assert make_kv_backend(KVConfig(), MODEL, "cpu", torch.float32, memory_bytes=budget).pool.num_blocks == 10
+    assert make_kv_backend(config, MODEL, "cpu", torch.float32, memory_bytes=budget).pool.num_blocks == 10
     with pytest.raises(ValueError, match="exactly one"):
         make_kv_backend(KVConfig(), MODEL, "cpu", torch.float32)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):

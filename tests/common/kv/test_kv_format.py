@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.kv.config import PAPER_SETTING, KVConfig
+from common.kv.config import PAPER_PARTITION, PAPER_SETTING, KVConfig
 from common.kv.format import (KVLayout, code_sums, dequantize, pack_codes, quantize, quantize_tokens,
                               unpack_codes)
 
@@ -83,7 +83,7 @@ def test_quantize_tokens_shapes_and_partial_group(key_axis: str) -> None:
 
 
 def test_config_validation_gives_clear_errors() -> None:
-    assert KVConfig(**PAPER_SETTING).block_size == 64 and KVConfig(**PAPER_SETTING, partition=32).block_size == 32
+    assert KVConfig(**PAPER_SETTING).block_size == 128 and KVConfig(**PAPER_SETTING, partition=32).block_size == 32
     with pytest.raises(ValueError, match="bits"):
         KVConfig(**PAPER_SETTING, bits=3)
     with pytest.raises(ValueError, match="block_size"):
@@ -124,7 +124,7 @@ def test_llama3_8b_layer_wire_bytes_are_under_17_percent_of_fp16(key_axis: str) 
 
 
 def test_default_config_wire_bytes_with_sinks_and_an_open_tail() -> None:
-    layout = KVLayout(KVConfig(**PAPER_SETTING), num_kv_heads=8, head_dim=128)  # channel keys, 4 sinks
+    layout = KVLayout(KVConfig(partition=PAPER_PARTITION, **PAPER_SETTING), num_kv_heads=8, head_dim=128)  # 4 sinks
     assert layout.split(4096) == (4, 4032, 60)  # 60 tokens stay 16-bit until their partition fills
     assert layout.wire_bytes(4096) / layout.fp16_bytes(4096) == pytest.approx(0.169563, abs=1e-6)
     assert layout.wire_bytes(4100) / layout.fp16_bytes(4100) == pytest.approx(0.157205, abs=1e-6)
