@@ -23,6 +23,7 @@ needs_native = pytest.mark.skipif(native.library() is None, reason="no C compile
 CASES = [
     pytest.param(KVConfig(partition=64, window=0), 2, 3, 128, [1, 17, 130, 150], id="gqa3-d128-2bit"),
     pytest.param(KVConfig(partition=64, window=16), 3, 3, 64, [150, 17, 1, 81], id="gqa3-d64-window16"),
+    pytest.param(KVConfig(window=16), 1, 3, 64, [300, 17, 1], id="default-partition-gqa3-d64"),
     pytest.param(KVConfig(partition=32, bits=4, num_sinks=0, sum_elimination=False, window=0), 3, 3, 64,
                  [17, 1, 70], id="gqa3-d64-4bit-no-sums-no-sinks"),
     pytest.param(KVConfig(partition=32, bits=8, window=0), 1, 4, 16, [130, 17, 1], id="gqa4-d16-8bit"),
