@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import json
 import re
 import sys
 
@@ -35,6 +34,7 @@ import torch
 from common.default_model import model_from_env
 from common.engine import Engine
 from common.eval.backend import backend_for_sequences
+from common.eval.cli import print_json_result
 from common.kv.options import add_kv_arguments, kv_config_from_args
 from common.kv.config import KVConfig
 from common.kv.interface import ForwardBatch
@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device")
     add_kv_arguments(parser)
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> dict:
         kv_config = kv_config_from_args(args)
         for name in ("prompts", "max_tokens", "prompt_tokens"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -199,11 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: the text gives {len(prompts)} prompts of the {args.prompts} asked for", file=sys.stderr)
         result = agreement(loaded, kv_config, prompts, args.max_tokens)
         result["prompts_requested"] = args.prompts
-    except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
-    return 0
+        return result
+
+    return print_json_result(run)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ status 2 and a one-line error.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import sys
@@ -25,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from common.default_model import model_from_env
+from common.eval.cli import print_json_result
 from common.eval.perplexity import kv_bytes, read_text_prefix, text_windows, window_nll
 from common.kv.config import KVConfig
 from common.kv.options import add_kv_arguments, kv_config_from_args
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device")
     add_kv_arguments(parser)
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> dict:
         kv_config = kv_config_from_args(args)
         for name in ("questions", "max_tokens"):
             if getattr(args, name) < 1:
@@ -125,11 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(model_from_env(args.model), dtype=args.dtype, device=args.device)
         result = evaluate(loaded, kv_config, text, args.context, args.max_tokens, args.questions, args.seed,
                           args.min_position)
-    except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
-    return 0
+        return result
+
+    return print_json_result(run)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ On a CPU shared with other work, OMP_NUM_THREADS=1 is much faster for small mode
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -28,6 +27,7 @@ import torch
 
 from common.default_model import model_from_env
 from common.eval.backend import backend_for_sequences
+from common.eval.cli import print_json_result
 from common.kv.options import add_kv_arguments, kv_config_from_args
 from common.kv.config import KVConfig
 from common.kv.format import KVLayout
@@ -144,16 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device")
     add_kv_arguments(parser)
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> dict:
         kv_config = kv_config_from_args(args)
         text = read_text_prefix(args.text, args.max_tokens)  # a bad path fails before the model loads
         loaded = load_model(model_from_env(args.model), dtype=args.dtype, device=args.device)
         result = evaluate(loaded, kv_config, text, args.context, args.max_tokens)
-    except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
-    return 0
+        return result
+
+    return print_json_result(run)
 
 
 if __name__ == "__main__":
