@@ -26,7 +26,7 @@ import torch
 
 from bench.report import write_section
 from common.default_model import model_from_env
-from common.eval import agreement, attention_error, cloze, perplexity
+from common.eval import agreement, attention_error, cloze, layer_sensitivity, perplexity
 from common.kv.config import KVConfig
 from common.kv.format import KVLayout
 from common.kv.options import kv_flags
@@ -34,11 +34,15 @@ from common.loader import LoadedModel, load_model
 
 LLAMA3_8B = {"num_layers": 32, "num_kv_heads": 8, "head_dim": 128}  # its 32 query heads do not change KV bytes
 # the measurements, as the results file names them
-KINDS = ("heldout", "tune", "agreement", "tune_agreement", "attention_error", "stress")
+KINDS = ("heldout", "tune", "agreement", "tune_agreement", "attention_error", "stress", "layers", "heldout_long",
+         "tune_long")
 BYTES_AT = 4096  # prompt tokens at which the byte shares are stated (the issue's acceptance point)
 PAPER = KVConfig(mode="hack", bits=2, partition=64, ranges="minmax", rotate=False, window=0)  # HACK's setting
 PREVIOUS = dataclasses.replace(PAPER, ranges="mse", rotate=True, window=128)  # the defaults before Π=128
-ACCURATE = dataclasses.replace(PREVIOUS, partition=128, block_size=0, window=160)  # the defaults
+ACCURATE = dataclasses.replace(PREVIOUS, partition=128, block_size=0, window=192)  # the defaults
+SHORTER_WINDOW = dataclasses.replace(ACCURATE, window=160)  # the defaults before the 2,048-token contexts were measured
+FINER = dataclasses.replace(PREVIOUS, window=160)  # Π=64 at the defaults' memory: the runner-up
+LAYERS = dataclasses.replace(ACCURATE, mode="dequant")  # the defaults' storage, layer by layer (simulated)
 
 
 # -- what is measured ----------------------------------------------------------------------------------------------
@@ -50,7 +54,7 @@ def sweep_configs() -> list[KVConfig]:
     one_at_a_time = [dataclasses.replace(PAPER, **change) for change in
                      ({"ranges": "mse"}, {"rotate": True}, {"window": 128})]
     combined = [dataclasses.replace(PAPER, ranges="mse", rotate=True),
-                dataclasses.replace(PAPER, ranges="mse", window=128), PREVIOUS, ACCURATE]
+                dataclasses.replace(PAPER, ranges="mse", window=128), PREVIOUS, FINER, SHORTER_WINDOW, ACCURATE]
     return [KVConfig(mode="fp16"), PAPER, dataclasses.replace(PAPER, mode="dequant"),
             dataclasses.replace(PAPER, bits=4), *one_at_a_time, *combined, dataclasses.replace(ACCURATE, mode="dequant")]
 
@@ -58,7 +62,18 @@ def sweep_configs() -> list[KVConfig]:
 def agreement_configs() -> list[KVConfig]:
     """Held-out greedy agreement: the defaults, the paper's setting, and two near-lossless noise floors (4 bits;
     a window covering prompt and output, so that nothing is quantized and only the rotation's roundoff is left)."""
-    return [PAPER, PREVIOUS, ACCURATE, dataclasses.replace(PAPER, bits=4), dataclasses.replace(PREVIOUS, window=512)]
+    return [PAPER, PREVIOUS, SHORTER_WINDOW, ACCURATE, dataclasses.replace(PAPER, bits=4),
+            dataclasses.replace(PREVIOUS, window=512)]
+
+
+def long_configs() -> list[KVConfig]:
+    """Perplexity with 2,048-token contexts, where most of what a token reads is in codes: fp16, the defaults and
+    the window/partition choices around them (on both texts), the paper's setting and 4 bits (held-out only)."""
+    return [KVConfig(mode="fp16"), ACCURATE, SHORTER_WINDOW, PREVIOUS, FINER]
+
+
+def heldout_long_configs() -> list[KVConfig]:
+    return long_configs() + [PAPER, dataclasses.replace(PAPER, bits=4)]
 
 
 def tune_agreement_configs() -> list[KVConfig]:
@@ -125,6 +140,9 @@ class ResultLog:
 def _headline(row: dict) -> str:
     if "mean_first_divergence" in row:
         return f"divergence {row['mean_first_divergence']:.1f}, identical {row['identical_fraction']:.2f}"
+    if "rows" in row:
+        worst = max(row["rows"][3:], key=lambda r: r["change"])
+        return f"all layers {100 * row['rows'][0]['change']:+.2f}%, worst {worst['scope']} {100 * worst['change']:+.2f}%"
     if "perplexity" in row:
         return f"ppl {row['perplexity']:.4f} ({row['tokens']} tokens, {row.get('seconds', '-')} s)"
     return f"error {row['error']:.4f}"
@@ -174,6 +192,13 @@ def run_all(args: argparse.Namespace, log: ResultLog, shard: Shard) -> None:
     tasks += [("heldout", c, heldout) for c in rest] + [("tune", c, tune) for c in first[2:] + rest]
     tasks += [("agreement", c, greedy.agreement) for c in agreement_configs() if c != ACCURATE]
     tasks += [("tune_agreement", c, tune_greedy.agreement) for c in tune_agreement_configs()]
+    tasks += [("layers", LAYERS, lambda c: layer_sensitivity.evaluate(loaded, c, text, args.context, args.tokens))]
+    long_text = perplexity.read_text_prefix(args.text, args.long_tokens)
+    long_tune_text = perplexity.read_text_prefix(args.tune_text, args.long_tokens)
+    tasks += [("heldout_long", c, lambda c: perplexity.evaluate(loaded, c, long_text, args.long_context,
+                                                                args.long_tokens)) for c in heldout_long_configs()]
+    tasks += [("tune_long", c, lambda c: perplexity.evaluate(loaded, c, long_tune_text, args.long_context,
+                                                             args.long_tokens)) for c in long_configs()]
     for kind, config, measure in tasks:
         if shard.mine() and kind in args.kinds:
             log.get_or_run(kind, config, lambda c=config, m=measure: m(c))
@@ -257,15 +282,25 @@ def pareto_table(log: ResultLog, model_shape: dict) -> str:
     front = dict(zip(configs, pareto_front([(llama[c][0], log.get("heldout", c)["perplexity"]) for c in configs])))
     lines = ["| flags | held-out ppl | vs fp16 | tuning ppl | vs fp16 | next-word 4-choice accuracy | next-word top-1 "
              "| wire % fp16 (Llama-3-8B) | memory % fp16 (Llama-3-8B) | wire % fp16 (this model) | memory % fp16 "
-             "(this model) | Pareto |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(this model) | held-out, long context | tuning, long context | Pareto |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for config in sorted(configs, key=lambda c: (-llama[c][0], log.get("heldout", c)["perplexity"])):
         h, t = log.get("heldout", config), log.get("tune", config)
         tuned = f"{t['perplexity']:.3f} | {_change(t, tune)}" if t and tune else "- | -"
         lines.append(f"| `{flags_of(config)}` | {h['perplexity']:.3f} | {_change(h, held)} | {tuned} "
                      f"| {100 * h['accuracy']:.1f}% | {100 * h['exact_match']:.1f}% | {llama[config][0]:.2f} "
                      f"| {llama[config][1]:.2f} | {own[config][0]:.2f} | {own[config][1]:.2f} "
+                     f"| {_long_cell(log, 'heldout_long', config)} | {_long_cell(log, 'tune_long', config)} "
                      f"| {'yes' if front[config] else ''} |")
     return "\n".join(lines)
+
+
+def _long_cell(log: ResultLog, kind: str, config: KVConfig) -> str:
+    """'perplexity (change over fp16)' of a long-context pass, or '-'."""
+    row, fp16 = log.get(kind, config), log.get(kind, KVConfig(mode="fp16"))
+    if row is None or fp16 is None:
+        return "-"
+    return f"{row['perplexity']:.3f} ({_change(row, fp16)})"
 
 
 def _change(row: dict, baseline: dict) -> str:
@@ -308,6 +343,25 @@ def attention_table(log: ResultLog) -> str:
     return "\n".join(lines)
 
 
+def layers_table(log: ResultLog) -> str:
+    """The three whole-model rows, then the layers by the loss they carry alone (those above +0.1%, the count
+    of the rest)."""
+    row = log.get("layers", LAYERS)
+    if row is None:
+        return "(not measured)"
+    lines = ["| compressed storage on | perplexity | vs fp16 |", "|---|---|---|",
+             f"| nothing (fp16 KV) | {row['fp16_perplexity']:.3f} | +0.00% |"]
+    ranked = row["rows"][:3] + sorted(row["rows"][3:], key=lambda r: -r["change"])
+    shown = [r for r in ranked if r in row["rows"][:3] or r["change"] > 0.001]
+    lines += [f"| {r['scope']} alone | {r['perplexity']:.3f} | {100 * r['change']:+.2f}% |"
+              if r["scope"].startswith("layer") else f"| {r['scope']} | {r['perplexity']:.3f} | {100 * r['change']:+.2f}% |"
+              for r in shown]
+    rest = [r["change"] for r in ranked if r not in shown]
+    if rest:
+        lines.append(f"| each of the other {len(rest)} layers alone | - | {100 * min(rest):+.2f}% to {100 * max(rest):+.2f}% |")
+    return "\n".join(lines)
+
+
 def stress_table(log: ResultLog) -> str:
     fp16 = log.get("stress", KVConfig(mode="fp16"))
     if fp16 is None:
@@ -325,7 +379,7 @@ def bytes_table(tokens: int = BYTES_AT) -> str:
     layers, heads, head_dim = LLAMA3_8B["num_layers"], LLAMA3_8B["num_kv_heads"], LLAMA3_8B["head_dim"]
     lines = ["| flags | memory MiB | wire MiB | memory % fp16 | wire % fp16 |", "|---|---|---|---|---|"]
     configs = [KVConfig(mode="fp16"), PAPER, *(dataclasses.replace(PAPER, window=w) for w in (64, 128)),
-               PREVIOUS, ACCURATE, dataclasses.replace(PAPER, bits=4)]
+               PREVIOUS, FINER, SHORTER_WINDOW, ACCURATE, dataclasses.replace(PAPER, bits=4)]
     for config in configs:
         layout = KVLayout(config, heads, head_dim)
         memory, wire = layout.memory_bytes(tokens, layers), layout.wire_bytes(tokens, layers)
@@ -345,24 +399,31 @@ def sections(args: argparse.Namespace, log: ResultLog, model_name: str, model_sh
                     f"{BYTES_AT} tokens over all layers, exact (`format.KVLayout`), for a Llama-3-8B shape (32 layers, "
                     "8 KV heads, head_dim 128) and for this model; memory counts the stored code sums and the "
                     "16-bit state slot. Pareto: no other row has both fewer Llama-3-8B wire bytes and a lower "
-                    "held-out perplexity. Rows by wire bytes.")
+                    "held-out perplexity. Rows by wire bytes. Long context: the first "
+                    f"{args.long_tokens} tokens of each text in windows of {args.long_context} (`common.eval."
+                    "perplexity`), where most of what a token reads is in codes; the change over fp16 in parentheses.")
     agree_intro = (f"{model_name}, {args.prompts} prompts of {args.prompt_tokens} tokens from the held-out text (one "
                    f"paragraph per line) and {args.tune_prompts} from the tuning text, {args.max_tokens} greedy tokens "
                    "each, compared with fp16 KV (`common.eval.agreement`). Token agreement: the share of positions "
                    "where the configuration picks fp16's token on fp16's history; fp16 gap: fp16's top-1 minus "
                    "top-2 logit at the divergences (median) and at all positions. Rows without them were measured "
                    "by free-running greedy decoding before the tool went teacher-forced (the same first "
-                   "divergence). Flags are relative to the defaults (Π = 128, a 160-token window).")
+                   "divergence). Flags are relative to the defaults (Π = 128, a 192-token window).")
     attention_intro = ("Synthetic K/V (`common.eval.attention_error --sink-tokens 1`): 4 query heads on 1 KV head, "
                        "head_dim 128, 4 outlier key channels (10x, offset 5), token 0 an attention sink, a 512-token "
                        "prompt, error over 64 decode steps; 2 bits, Π=64, 4 sinks.")
     stress_intro = (f"stories260K (5 layers, head_dim 8), {args.stress_tokens} tokens of "
                     f"`{Path(args.stress_text).name}` in windows of {args.stress_context}.")
+    layers_intro = (f"{model_name}, the defaults' storage (`{flags_of(LAYERS)}`) applied to one layer, or to K or V "
+                    f"only, the rest of the cache 16-bit; the held-out text as in the Pareto table "
+                    "(`common.eval.layer_sensitivity`, a float simulation of the pool equal to dequant mode's "
+                    "decode steps).")
     bytes_intro = f"32 layers, 8 KV heads, head_dim 128, one sequence of {BYTES_AT} tokens."
     return {
         "Pareto table": f"{pareto_intro}\n\n{pareto_table(log, model_shape)}",
         "Greedy agreement": f"{agree_intro}\n\n{agreement_table(log)}",
         "Rotation and the key axis at head_dim 128": f"{attention_intro}\n\n{attention_table(log)}",
+        "Where the loss is: layer by layer": f"{layers_intro}\n\n{layers_table(log)}",
         "Stress test: stories260K": f"{stress_intro}\n\n{stress_table(log)}",
         "KV bytes of a Llama-3-8B-shaped model": f"{bytes_intro}\n\n{bytes_table()}",
     }
@@ -378,6 +439,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tune-text", required=True, help="tuning text: the perplexity the defaults were chosen on")
     parser.add_argument("--tokens", type=int, default=2048, help="perplexity: tokens scored per configuration")
     parser.add_argument("--context", type=int, default=512, help="perplexity: window length")
+    parser.add_argument("--long-context", type=int, default=2048, help="long-context perplexity: window length")
+    parser.add_argument("--long-tokens", type=int, default=2048, help="long-context perplexity: tokens scored")
     parser.add_argument("--questions", type=int, default=300, help="next-word questions from the held-out pass")
     parser.add_argument("--min-position", type=int, default=128, help="next-word questions: earliest position")
     parser.add_argument("--prompts", type=int, default=32, help="agreement: prompts")

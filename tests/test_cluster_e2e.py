@@ -169,7 +169,7 @@ def test_kv_bytes_in_router_metrics_equal_the_format_accounting(cluster: Cluster
             time.sleep(0.05)
         assert kv_bytes_metric(cluster) - before == expected
     # whole 2-bit partitions make the long prompt's KV a fraction of its 16-bit size in the paper's format; the
-    # default 160-token 16-bit window keeps a ~200-token prompt all 16-bit (never more bytes than fp16 mode)
+    # default 192-token 16-bit window keeps a ~200-token prompt all 16-bit (never more bytes than fp16 mode)
     num_layers = loaded.config.num_layers
     paper = KVLayout(KVConfig(mode="hack", **PAPER_SETTING), loaded.config.num_kv_heads, loaded.config.head_dim)
     assert paper.wire_bytes(num_tokens, num_layers) < 0.5 * layout.fp16_bytes(num_tokens, num_layers)
