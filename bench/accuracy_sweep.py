@@ -42,6 +42,7 @@ PREVIOUS = dataclasses.replace(PAPER, ranges="mse", rotate=True, window=128)  # 
 ACCURATE = dataclasses.replace(PREVIOUS, partition=128, block_size=0, window=192)  # the defaults
 SHORTER_WINDOW = dataclasses.replace(ACCURATE, window=160)  # the defaults before the 2,048-token contexts were measured
 FINER = dataclasses.replace(PREVIOUS, window=160)  # Π=64 at the defaults' memory: the runner-up
+KEYS4 = dataclasses.replace(ACCURATE, key_bits=4)  # 4-bit keys, 2-bit values: what long contexts need
 LAYERS = dataclasses.replace(ACCURATE, mode="dequant")  # the defaults' storage, layer by layer (simulated)
 
 
@@ -50,11 +51,12 @@ LAYERS = dataclasses.replace(ACCURATE, mode="dequant")  # the defaults' storage,
 
 def sweep_configs() -> list[KVConfig]:
     """fp16, the paper's 2-bit setting (hack and dequant) and 4 bits, each technique alone on top of the paper's
-    setting, their combinations (the previous defaults at Π=64 and the defaults), and the defaults on dequant."""
+    setting, their combinations (the previous defaults at Π=64, the window/partition choices around the defaults, the
+    defaults), the defaults with 4-bit keys, and the defaults on dequant."""
     one_at_a_time = [dataclasses.replace(PAPER, **change) for change in
                      ({"ranges": "mse"}, {"rotate": True}, {"window": 128})]
     combined = [dataclasses.replace(PAPER, ranges="mse", rotate=True),
-                dataclasses.replace(PAPER, ranges="mse", window=128), PREVIOUS, FINER, SHORTER_WINDOW, ACCURATE]
+                dataclasses.replace(PAPER, ranges="mse", window=128), PREVIOUS, FINER, SHORTER_WINDOW, ACCURATE, KEYS4]
     return [KVConfig(mode="fp16"), PAPER, dataclasses.replace(PAPER, mode="dequant"),
             dataclasses.replace(PAPER, bits=4), *one_at_a_time, *combined, dataclasses.replace(ACCURATE, mode="dequant")]
 
@@ -69,7 +71,7 @@ def agreement_configs() -> list[KVConfig]:
 def long_configs() -> list[KVConfig]:
     """Perplexity with 2,048-token contexts, where most of what a token reads is in codes: fp16, the defaults and
     the window/partition choices around them (on both texts), the paper's setting and 4 bits (held-out only)."""
-    return [KVConfig(mode="fp16"), ACCURATE, SHORTER_WINDOW, PREVIOUS, FINER]
+    return [KVConfig(mode="fp16"), ACCURATE, SHORTER_WINDOW, PREVIOUS, FINER, KEYS4]
 
 
 def heldout_long_configs() -> list[KVConfig]:
@@ -379,7 +381,7 @@ def bytes_table(tokens: int = BYTES_AT) -> str:
     layers, heads, head_dim = LLAMA3_8B["num_layers"], LLAMA3_8B["num_kv_heads"], LLAMA3_8B["head_dim"]
     lines = ["| flags | memory MiB | wire MiB | memory % fp16 | wire % fp16 |", "|---|---|---|---|---|"]
     configs = [KVConfig(mode="fp16"), PAPER, *(dataclasses.replace(PAPER, window=w) for w in (64, 128)),
-               PREVIOUS, FINER, SHORTER_WINDOW, ACCURATE, dataclasses.replace(PAPER, bits=4)]
+               PREVIOUS, FINER, SHORTER_WINDOW, ACCURATE, KEYS4, dataclasses.replace(PAPER, bits=4)]
     for config in configs:
         layout = KVLayout(config, heads, head_dim)
         memory, wire = layout.memory_bytes(tokens, layers), layout.wire_bytes(tokens, layers)

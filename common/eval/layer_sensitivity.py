@@ -128,7 +128,8 @@ def dequantized_tokens(k: torch.Tensor, v: torch.Tensor, config: KVConfig) -> tu
     """K and V [Hkv, n, D] (n a multiple of Π) through the pool's quantizer and back to float."""
     rows = fmt.quantize_tokens(k, v, config, with_sums=False)
     bits, pi, d = config.bits, config.partition, k.shape[-1]
-    k_codes, v_codes = fmt.unpack_codes(rows["k_codes"], bits).float(), fmt.unpack_codes(rows["v_codes"], bits).float()
+    k_codes = fmt.unpack_codes(rows["k_codes"], config.k_bits).float()
+    v_codes = fmt.unpack_codes(rows["v_codes"], bits).float()
     if config.key_axis == "token":
         pd = config.head_partition(d)
         dk = (k_codes.unflatten(-1, (-1, pd)) * rows["k_scale"].float().unsqueeze(-1)

@@ -178,7 +178,7 @@ class PagedKVBackend(KVBackend):
         v_sums = torch.empty((pages, heads, rows // pi, d), dtype=torch.int16, device=k_codes.device)
         for p0 in range(0, pages, SUM_PAGES):
             p1 = min(p0 + SUM_PAGES, pages)
-            k_sums[p0:p1] = unpack_float(k_codes[p0:p1], bits).unflatten(-1, (-1, pd)).sum(-1)  # exact in fp32
+            k_sums[p0:p1] = unpack_float(k_codes[p0:p1], self.config.k_bits).unflatten(-1, (-1, pd)).sum(-1)  # exact in fp32
             v_sums[p0:p1] = unpack_float(v_codes[p0:p1], bits).unflatten(2, (-1, pi)).sum(3)
         return {"k_sums": k_sums, "v_sums": v_sums}
 

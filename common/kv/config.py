@@ -36,6 +36,9 @@ PAPER_PARTITION = 64
 class KVConfig:
     mode: KVMode = "hack"
     bits: int = 2  # bits per K/V code
+    # bits per K code when K differs from V (0: `bits`). 4-bit keys keep long-range retrieval that 2-bit keys lose
+    # (docs/accuracy.md, "Long context"), at about 25% of fp16's wire instead of 19%; attention stays on the codes
+    key_bits: int = 0
     # Π: values sharing one scale/min. 128 (the paper's is 64): half the scale/min bytes buy a longer 16-bit window
     # within the same wire bytes, which pays more than the finer partitions on SmolLM2-135M (docs/accuracy.md)
     partition: int = 128
@@ -69,6 +72,7 @@ class KVConfig:
             object.__setattr__(self, "block_size", self.partition)
         _check_choice("mode", self.mode, MODES)
         _check_choice("bits", self.bits, BITS)
+        _check_choice("key_bits", self.key_bits, (0, *BITS))
         _check_choice("partition", self.partition, PARTITIONS)
         _check_choice("key_axis", self.key_axis, KEY_AXES)
         _check_choice("rounding", self.rounding, ROUNDINGS)
@@ -90,8 +94,14 @@ class KVConfig:
         if not self.compressed:
             return "fp16"
         rotation = f"rotate(seed={self.seed})" if self.rotate else "no-rotate"
-        return (f"bits={self.bits} partition={self.partition} key_axis={self.key_axis} sinks={self.num_sinks} "
+        key_bits = f" key_bits={self.k_bits}" if self.k_bits != self.bits else ""
+        return (f"bits={self.bits}{key_bits} partition={self.partition} key_axis={self.key_axis} sinks={self.num_sinks} "
                 f"window={self.window} requant_elimination={self.requant_elimination} {rotation}")
+
+    @property
+    def k_bits(self) -> int:
+        """Bits per K code (V codes have `bits`)."""
+        return self.key_bits or self.bits
 
     @property
     def compressed(self) -> bool:
@@ -101,7 +111,7 @@ class KVConfig:
     def head_partition(self, head_dim: int) -> int:
         """Πd: partition size for partitions that run along head_dim."""
         pd = min(self.partition, head_dim)
-        if head_dim % pd or (head_dim * self.bits) % 8:
+        if head_dim % pd or (head_dim * min(self.bits, self.k_bits)) % 8:
             raise ValueError(
                 f"head_dim={head_dim} must be a multiple of min(partition, head_dim)={pd} and fill whole bytes "
                 f"at {self.bits} bits"

@@ -341,8 +341,10 @@ def dequant_attention(q: torch.Tensor, cu_q: torch.Tensor, seq_lens: torch.Tenso
 
 
 def fast_path(config: KVConfig, head_dim: int) -> bool:
-    """Whether these ops serve the configuration (else torch_fast.py does): the channel key axis."""
-    return config.key_axis == "channel" and config.block_size % config.partition == 0 and head_dim > 0
+    """Whether these ops serve the configuration (else torch_fast.py does): the channel key axis, K and V codes
+    of one width."""
+    return (config.key_axis == "channel" and config.block_size % config.partition == 0 and head_dim > 0
+            and config.k_bits == config.bits)
 
 
 def native_ok(config: KVConfig, head_dim: int) -> bool:

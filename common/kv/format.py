@@ -16,7 +16,8 @@ Per layer pool tensors, `nb` pages; a page holds bs tokens of one layer for all 
     fp16 mode:
         k, v          fp16  [nb, Hkv, bs, D]        (KVLayout.float_dtype: bf16 for bf16 models, see below)
     dequant and hack modes (identical storage):
-        k_codes       uint8 [nb, Hkv, bs, D*b/8]   codes packed along D: element j of each group of 8/b
+        k_codes       uint8 [nb, Hkv, bs, D*bk/8]  codes packed along D (bk = config.k_bits, b unless key_bits
+                                                   sets K's own width): element j of each group of 8/b
         v_codes       uint8 [nb, Hkv, bs, D*b/8]   consecutive codes sits at bit offset b*j (LSB first)
         k_scale/k_min fp16  [nb, Hkv, bs, D/Πd]    key_axis="token": per token, partitions of Πd along D
                       fp16  [nb, Hkv, bs/Π, D]     key_axis="channel": per channel over groups of Π tokens
@@ -295,7 +296,7 @@ class KVLayout:
         pd, pi = self.head_partition, cfg.partition
         k_rows, k_width = (1, d // pd) if cfg.key_axis == "token" else (pi, d)
         fields = [
-            PageField("k_codes", torch.uint8, 1, d * cfg.bits // 8),
+            PageField("k_codes", torch.uint8, 1, d * cfg.k_bits // 8),
             PageField("k_scale", STORAGE_DTYPE, k_rows, k_width),
             PageField("k_min", STORAGE_DTYPE, k_rows, k_width),
             PageField("v_codes", torch.uint8, 1, d * cfg.bits // 8),
@@ -373,17 +374,17 @@ def quantize_tokens(
     Token groups of Π start at token 0; a last group shorter than Π (requant_elimination off) gets its own
     scale/min over the tokens present.
     """
-    pi, bits, d = config.partition, config.bits, k.shape[-1]
+    pi, bits, k_bits, d = config.partition, config.bits, config.k_bits, k.shape[-1]
     pd = config.head_partition(d)
     rows: dict[str, torch.Tensor] = {}
     if config.key_axis == "token":
-        kq = quantize(k.unflatten(-1, (-1, pd)), bits, config.rounding, generator, ranges=config.ranges)
+        kq = quantize(k.unflatten(-1, (-1, pd)), k_bits, config.rounding, generator, ranges=config.ranges)
         k_codes = kq.codes.flatten(-2)
     else:
-        kq = _quantize_token_groups(k, pi, bits, config.rounding, generator, config.ranges)
+        kq = _quantize_token_groups(k, pi, k_bits, config.rounding, generator, config.ranges)
         k_codes = kq.codes
     vq = _quantize_token_groups(v, pi, bits, config.rounding, generator, config.ranges)
-    rows["k_codes"], rows["k_scale"], rows["k_min"] = pack_codes(k_codes, bits), kq.scale, kq.minimum
+    rows["k_codes"], rows["k_scale"], rows["k_min"] = pack_codes(k_codes, k_bits), kq.scale, kq.minimum
     rows["v_codes"], rows["v_scale"], rows["v_min"] = pack_codes(vq.codes, bits), vq.scale, vq.minimum
     if with_sums:
         rows["k_sums"] = code_sums(k_codes, pd)
@@ -422,7 +423,7 @@ def _group_sums(codes: torch.Tensor, partition: int) -> torch.Tensor:
 
 def recompute_sums(rows: dict[str, torch.Tensor], config: KVConfig, head_dim: int) -> dict[str, torch.Tensor]:
     """k_sums and v_sums of page rows from their packed codes (import, and sum_elimination off)."""
-    k_codes = unpack_codes(rows["k_codes"], config.bits)
+    k_codes = unpack_codes(rows["k_codes"], config.k_bits)
     v_codes = unpack_codes(rows["v_codes"], config.bits)
     return {
         "k_sums": code_sums(k_codes, config.head_partition(head_dim)),

@@ -14,7 +14,7 @@ from typing import Any
 
 from common.kv.config import BITS, KEY_AXES, MODES, PARTITIONS, RANGES, ROUNDINGS, KVConfig
 
-_VALUE_FLAGS = ("bits", "partition", "key_axis", "rounding", "ranges", "num_sinks", "window")  # "--key-axis" sets key_axis, ...
+_VALUE_FLAGS = ("bits", "key_bits", "partition", "key_axis", "rounding", "ranges", "num_sinks", "window")  # "--key-axis" sets key_axis, ...
 _SWITCH_VALUES = {"1": True, "true": True, "0": False, "false": False}
 
 
@@ -23,6 +23,8 @@ def add_kv_arguments(parser: argparse.ArgumentParser, default_mode: str = "hack"
     group = parser.add_argument_group("KV cache", "each flag defaults to the environment variable its help names")
     _add_value(parser, group, "--kv-mode", "HACK_KV_MODE", str, MODES, default_mode, "KV cache mode")
     _add_value(parser, group, "--bits", "HACK_KV_BITS", int, BITS, KVConfig.bits, "bits per K/V code")
+    _add_value(parser, group, "--key-bits", "HACK_KV_KEY_BITS", int, (0, *BITS), KVConfig.key_bits,
+               "bits per K code when K differs from V (0: --bits)")
     _add_value(parser, group, "--partition", "HACK_KV_PARTITION", int, PARTITIONS, KVConfig.partition,
                "Π, values sharing one scale and minimum (also the page size)")
     _add_value(parser, group, "--key-axis", "HACK_KV_KEY_AXIS", str, KEY_AXES, KVConfig.key_axis,
@@ -52,7 +54,7 @@ def add_kv_arguments(parser: argparse.ArgumentParser, default_mode: str = "hack"
 def kv_config_from_args(args: argparse.Namespace) -> KVConfig:
     """The KVConfig the parsed flags select; ValueError when the combination is invalid."""
     return KVConfig(
-        mode=args.kv_mode, bits=args.bits, partition=args.partition, key_axis=args.key_axis,
+        mode=args.kv_mode, bits=args.bits, key_bits=args.key_bits, partition=args.partition, key_axis=args.key_axis,
         rounding=args.rounding, ranges=args.ranges, num_sinks=args.num_sinks, window=args.window,
         sum_elimination=not args.no_sum_elimination, requant_elimination=not args.no_requant_elimination, quantized_prefill=args.quantized_prefill,
         rotate=args.rotate,

@@ -249,7 +249,7 @@ def _gather_paged(cache: Cache, block_table: torch.Tensor, n_paged: int, config:
     if config.sum_elimination:
         names += ["k_sums", "v_sums"]
     paged = {name: gather_rows(cache, name, block_table, 0, n_paged, config.block_size) for name in names}
-    paged["k_codes"] = unpack_codes(paged["k_codes"], config.bits)
+    paged["k_codes"] = unpack_codes(paged["k_codes"], config.k_bits)
     paged["v_codes"] = unpack_codes(paged["v_codes"], config.bits)
     return paged
 

@@ -367,7 +367,7 @@ def read_pages(cache: Cache, block_tables: torch.Tensor, n_paged: torch.Tensor,
         if name in paged:
             zero_rows_(paged[name], stored_groups)
     zero_rows_(paged["v_codes"], slots < n_paged[:, None])
-    paged["k_codes"] = unpack_float(paged["k_codes"], config.bits)
+    paged["k_codes"] = unpack_float(paged["k_codes"], config.k_bits)
     paged["v_codes"] = unpack_float(paged["v_codes"], config.bits)
     return {name: x.flatten(0, 1) for name, x in paged.items()}, slots
 

@@ -5,7 +5,8 @@ little-endian uint32). The payload is the chunk's tensors back to back as raw li
     page chunk   the fields of `KVLayout.page_fields(with_sums=False)` in order, each [Hkv, rows, width]
     state chunk  sink_k, sink_v [Hkv, num_sink_tokens, D] then tail_k, tail_v [Hkv, num_tokens, D], in the
                  layout's float_dtype (fp16 or bf16: KVLayout.wire_identity, checked by the KVHeader's kv_format)
-Header fields: magic b"HKVC", version, kind (0 page, 1 state), mode (index in config.MODES), bits, key_axis
+Header fields: magic b"HKVC", version, kind (0 page, 1 state), mode (index in config.MODES), bits (with K's in
+the high nibble where key_bits differs: `wire_bits`), key_axis
 (index in config.KEY_AXES), partition, num_kv_heads, head_dim, layer, index (page number within the layer; 0
 for state), num_tokens (page tokens, or tail tokens for state), num_sink_tokens (0 for pages).
 A receiver decodes only chunks whose mode/bits/key_axis/partition/heads/head_dim match its own layout.
@@ -21,7 +22,7 @@ from typing import NamedTuple
 import numpy
 import torch
 
-from common.kv.config import KEY_AXES, MODES
+from common.kv.config import KEY_AXES, MODES, KVConfig
 from common.kv.format import (STATE_FIELDS, WIRE_HEADER, WIRE_MAGIC, WIRE_TRAILER, WIRE_VERSION,
                               KVLayout, LayerKV, page_groups)
 
@@ -149,7 +150,7 @@ def frame_header(layout: KVLayout, kind: int, layer: int, index: int, num_tokens
     if sys.byteorder != "little":
         raise RuntimeError("the KV wire format is little-endian; big-endian hosts are not supported")
     cfg = layout.config
-    return WIRE_HEADER.pack(WIRE_MAGIC, WIRE_VERSION, kind, MODES.index(cfg.mode), cfg.bits,
+    return WIRE_HEADER.pack(WIRE_MAGIC, WIRE_VERSION, kind, MODES.index(cfg.mode), wire_bits(cfg),
                             KEY_AXES.index(cfg.key_axis), cfg.partition, layout.num_kv_heads, layout.head_dim,
                             layer, index, num_tokens, num_sinks)
 
@@ -181,12 +182,17 @@ def _checked(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]
     return x
 
 
+def wire_bits(cfg: KVConfig) -> int:
+    """The header's bits byte: V's bits, with K's in the high nibble only where they differ."""
+    return cfg.bits if cfg.k_bits == cfg.bits else cfg.bits | cfg.k_bits << 4
+
+
 def _check_layout(layout: KVLayout, mode: int, bits: int, key_axis: int, partition: int, heads: int,
                   head_dim: int) -> None:
     cfg = layout.config
     theirs = (MODES[mode] if mode < len(MODES) else mode, bits, KEY_AXES[key_axis] if key_axis < len(KEY_AXES)
               else key_axis, partition, heads, head_dim)
-    ours = (cfg.mode, cfg.bits, cfg.key_axis, cfg.partition, layout.num_kv_heads, layout.head_dim)
+    ours = (cfg.mode, wire_bits(cfg), cfg.key_axis, cfg.partition, layout.num_kv_heads, layout.head_dim)
     if not cfg.compressed:  # fp16 pages do not depend on the quantization settings
         theirs, ours = (theirs[0], *theirs[4:]), (ours[0], *ours[4:])
     if theirs != ours:

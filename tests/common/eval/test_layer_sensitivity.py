@@ -47,7 +47,8 @@ def simulated_logits(loaded, config: KVConfig, tokens: list[int], scope: Scope =
     KVConfig(mode="dequant", partition=32, window=17, num_sinks=3),  # 113 tokens: flushes, a partial tail
     KVConfig(mode="dequant", partition=32, window=0, ranges="minmax", rotate=False, key_axis="token"),
     KVConfig(mode="dequant", partition=64, window=0, num_sinks=0, bits=4),
-], ids=["window-rotate-mse", "paper-token-keys", "4-bit-no-sinks"])
+    KVConfig(mode="dequant", partition=32, window=17, key_bits=4),
+], ids=["window-rotate-mse", "paper-token-keys", "4-bit-no-sinks", "4-bit-keys"])
 def test_the_simulation_equals_dequant_decode_steps(model, config) -> None:
     expected = decoded_logits(model, config, SEQUENCE)
     got = simulated_logits(model, config, SEQUENCE)

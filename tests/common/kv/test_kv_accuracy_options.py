@@ -18,7 +18,8 @@ import torch
 from common.kv import ops, reference, torch_fast
 from common.kv.config import PAPER_SETTING, KVConfig
 from common.kv.factory import make_kv_backend
-from common.kv.format import KVLayout, dequantize, quantize, quantize_tokens, rotation_matrices, split_tokens
+from common.kv.format import (KVLayout, dequantize, quantize, quantize_tokens, rotation_matrices, split_tokens,
+                              unpack_codes)
 from common.kv.interface import ForwardBatch
 from common.kv.pool import KVPool
 from tests.common.kv.triton_support import (HOMOMORPHIC, Tolerance, assert_attention_close, cumulative, fresh_seed,
@@ -58,6 +59,9 @@ WINDOW_CASES = [
                  [130, 17, 1], id="w7-requant"),
     pytest.param(KVConfig(partition=32, window=20, ranges="mse", num_sinks=4), [17, 130, 1], id="w20-mse"),
     pytest.param(KVConfig(partition=64, ranges="mse", num_sinks=0, key_axis="token"), [1, 200, 17], id="mse-token"),
+    pytest.param(KVConfig(partition=32, window=20, num_sinks=4, key_bits=4), [17, 130, 1], id="k4-v2"),
+    pytest.param(KVConfig(partition=32, num_sinks=0, key_bits=8, key_axis="token", rotate=False), [1, 200, 17],
+                 id="k8-v2-token"),
 ]
 
 
@@ -125,7 +129,7 @@ def _backend(**overrides):
 
 
 @pytest.mark.parametrize("overrides", [{"window": 20}, {"window": 20, "rotate": True}, {"rotate": True},
-                                       {"window": 40, "mode": "dequant"}])
+                                       {"window": 40, "mode": "dequant"}, {"window": 20, "key_bits": 4}])
 @pytest.mark.parametrize("prompt", [1, 17, 131])
 def test_export_import_round_trip(overrides, prompt) -> None:
     prefill, decode = _backend(**overrides), _backend(**overrides)
@@ -234,3 +238,25 @@ def test_options_flags_round_trip() -> None:
     add_kv_arguments(parser)
     for config in (KVConfig(window=64, rotate=True), dataclasses.replace(KVConfig(), rotate=not KVConfig.rotate)):
         assert kv_config_from_args(parser.parse_args(kv_flags(config))) == config
+
+
+def test_key_bits_size_k_codes_and_cut_the_attention_error() -> None:
+    """4-bit keys: K codes twice as wide, V's unchanged, the wire identity says so; less error than 2-bit keys."""
+    two, four = KVConfig(partition=32, window=0), KVConfig(partition=32, window=0, key_bits=4)
+    widths = [{f.name: f.width for f in KVLayout(c, 3, 64).page_fields()} for c in (two, four)]
+    assert widths[1]["k_codes"] == 2 * widths[0]["k_codes"] and widths[1]["v_codes"] == widths[0]["v_codes"]
+    assert "key_bits=4" in four.wire_identity and "key_bits" not in two.wire_identity
+    assert ops.kernel_gap(four, 64) and ops.kernel_gap(two, 64) is None
+    with pytest.raises(ValueError, match="key_bits"):
+        KVConfig(key_bits=3)
+    generator = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 3, 128, 64, generator=generator)
+    errors = []
+    for config in (two, four):
+        rows = quantize_tokens(k, v, config)
+        k_codes = unpack_codes(rows["k_codes"], config.k_bits).float()
+        scale, minimum = (rows[name].float().repeat_interleave(32, 1) for name in ("k_scale", "k_min"))
+        back = k_codes * scale + minimum
+        errors.append(float((back - k).norm() / k.norm()))
+        assert torch.equal(rows["v_codes"], quantize_tokens(k, v, two)["v_codes"])
+    assert errors[1] < 0.3 * errors[0]

@@ -33,10 +33,11 @@ CONFIGS = [
     KVConfig(**PAPER_SETTING, partition=32, key_axis="channel", bits=4),
     KVConfig(**PAPER_SETTING, mode="dequant", partition=64),
     KVConfig(**PAPER_SETTING, mode="fp16", partition=32),
+    KVConfig(**PAPER_SETTING, partition=32, num_sinks=2, key_bits=4),
 ]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.mode}-{c.key_axis}-{c.bits}b")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.mode}-{c.key_axis}-{c.k_bits}/{c.bits}b")
 @pytest.mark.parametrize("n", [1, 17, 130])
 def test_layer_round_trip_is_exact_and_sized_as_accounted(cfg: KVConfig, n: int) -> None:
     backend = _prefilled(cfg, n)
@@ -83,6 +84,8 @@ def test_incompatible_layout_version_and_incomplete_layers_are_rejected() -> Non
     chunks = encode_layer(backend.layout, 0, backend.export_layer(0, 0))
     with pytest.raises(WireFormatError, match="does not match"):
         decode_chunk(KVLayout(KVConfig(**PAPER_SETTING, partition=32, bits=4), 2, 64), chunks[0])
+    with pytest.raises(WireFormatError, match="does not match"):  # 4-bit keys read as 2-bit ones
+        decode_chunk(KVLayout(KVConfig(**PAPER_SETTING, partition=32, key_bits=4), 2, 64), chunks[0])
     with pytest.raises(WireFormatError, match="page chunks"):
         decode_layer(backend.layout, chunks[1:])
     with pytest.raises(WireFormatError, match="state chunk"):
@@ -94,7 +97,7 @@ def test_incompatible_layout_version_and_incomplete_layers_are_rejected() -> Non
         decode_chunk(backend.layout, other_version)
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.mode}-{c.key_axis}-{c.bits}b")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.mode}-{c.key_axis}-{c.k_bits}/{c.bits}b")
 @pytest.mark.parametrize("n", [1, 17, 130])
 def test_export_wire_import_copies_the_pool_byte_for_byte(cfg: KVConfig, n: int) -> None:
     """The vectorized export (one gather per field), the framing from its buffers and the import (one copy and

@@ -34,6 +34,7 @@ def test_no_flags_give_the_default_config() -> None:
     KVConfig(mode="fp16"),
     KVConfig(),
     KVConfig(mode="dequant", bits=4, partition=128, key_axis="token"),
+    KVConfig(key_bits=4, window=0),
     KVConfig(mode="hack", bits=8, partition=32, rounding="stochastic", num_sinks=0),
     KVConfig(mode="hack", num_sinks=7, sum_elimination=False, requant_elimination=False, quantized_prefill=False),
 ])
