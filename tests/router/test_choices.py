@@ -88,7 +88,9 @@ async def test_a_client_gone_mid_stream_cancels_every_choice_at_once(byte_model,
     decode = FakeDecode([*ids(byte_tokenizer, TEXT * 20), EOS], token_delay_s=0.05)
     async with cluster(byte_model, [FakePrefill(ids(byte_tokenizer, "a")[0])], [decode]) as c:
         await leave_after_first_chunk(c.client, "/v1/completions", completion(stream=True, max_tokens=300))
-        await eventually(lambda: decode.cancel_calls and decode.cancelled_streams)
+        # the stream would run 15 s; 10 s bounds how late the disconnect is noticed on a loaded CI machine (took
+        # over 3 s once in a full run, 1.6 s alone)
+        await eventually(lambda: decode.cancel_calls and decode.cancelled_streams, timeout_s=10.0)
     request_id = decode.generate_requests[0].request_id
     assert decode.cancel_calls == [request_id] and decode.cancelled_streams == [request_id]
     assert decode.cancelled_choices == []  # one Cancel for the request, not one per choice
