@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from common.eval.cli import print_json_result
 from common.eval.perplexity import read_text_prefix, text_windows
 from common.kv import format as fmt
+from common.kv import reference
 from common.kv.config import KVConfig
 from common.kv.interface import ForwardBatch, KVBackend
 from common.kv.options import add_kv_arguments, kv_config_from_args, kv_flags
@@ -125,24 +126,12 @@ class SimulatedKVBackend(KVBackend):
 
 
 def dequantized_tokens(k: torch.Tensor, v: torch.Tensor, config: KVConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V [Hkv, n, D] (n a multiple of Π) through the pool's quantizer and back to float."""
+    """K and V [Hkv, n, D] (n a multiple of Π) through the pool's quantizer and back to float (the reference's
+    dequantization of page rows)."""
     rows = fmt.quantize_tokens(k, v, config, with_sums=False)
-    bits, pi, d = config.bits, config.partition, k.shape[-1]
-    k_codes = fmt.unpack_codes(rows["k_codes"], config.k_bits).float()
-    v_codes = fmt.unpack_codes(rows["v_codes"], bits).float()
-    if config.key_axis == "token":
-        pd = config.head_partition(d)
-        dk = (k_codes.unflatten(-1, (-1, pd)) * rows["k_scale"].float().unsqueeze(-1)
-              + rows["k_min"].float().unsqueeze(-1)).flatten(-2)
-    else:
-        dk = _dequantize_groups(k_codes, rows["k_scale"], rows["k_min"], pi)
-    return dk, _dequantize_groups(v_codes, rows["v_scale"], rows["v_min"], pi)
-
-
-def _dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, pi: int) -> torch.Tensor:
-    """codes [H, n, D], per-channel scale/min [H, n/Π, D] -> [H, n, D]."""
-    expand = lambda t: t.float().repeat_interleave(pi, dim=1)  # noqa: E731
-    return codes * expand(scale) + expand(minimum)
+    rows["k_codes"] = fmt.unpack_codes(rows["k_codes"], config.k_bits)
+    rows["v_codes"] = fmt.unpack_codes(rows["v_codes"], config.bits)
+    return reference.dequantize_paged(rows, config)
 
 
 def window_perplexity(loaded: LoadedModel, windows: list[list[int]], backend: KVBackend) -> float:
