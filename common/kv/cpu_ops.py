@@ -304,14 +304,14 @@ def attend_rows(qh: torch.Tensor, row_pos: torch.Tensor, keys: Keys, groups: int
 def hack_attention(q: torch.Tensor, cu_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                    state_slots: torch.Tensor, cache: Cache, config: KVConfig, softmax_scale: float) -> torch.Tensor:
     """reference.hack_attention: homomorphic attention on the codes, never dequantizing K or V."""
-    if not fast_path(config, q.shape[-1]):
-        return torch_fast.hack_attention(q, cu_q, seq_lens, block_tables, state_slots, cache, config,
-                                         softmax_scale)
     if native_ok(config, q.shape[-1]):
         if q.shape[0] == seq_lens.shape[0]:
             return _native_hack_decode(q, seq_lens, block_tables, state_slots, cache, config, softmax_scale)
         return _attention(_native_attend(cache, config, softmax_scale), "native", q, cu_q, seq_lens, block_tables,
                           state_slots, cache, config)
+    if not fast_path(config, q.shape[-1]):
+        return torch_fast.hack_attention(q, cu_q, seq_lens, block_tables, state_slots, cache, config,
+                                         softmax_scale)
 
     def attend(qh: torch.Tensor, row_pos: torch.Tensor, keys: Keys, groups: int) -> torch.Tensor:
         return attend_rows(qh, row_pos, keys, groups, softmax_scale,
@@ -340,18 +340,23 @@ def dequant_attention(q: torch.Tensor, cu_q: torch.Tensor, seq_lens: torch.Tenso
     return _attention(attend, "dequant", q, cu_q, seq_lens, block_tables, state_slots, cache, config)
 
 
+def _channel_pages(config: KVConfig, head_dim: int) -> bool:
+    """The layout every op of this module reads: the channel key axis, whole token groups per page."""
+    return config.key_axis == "channel" and config.block_size % config.partition == 0 and head_dim > 0
+
+
 def fast_path(config: KVConfig, head_dim: int) -> bool:
-    """Whether these ops serve the configuration (else torch_fast.py does): the channel key axis, K and V codes
-    of one width."""
-    return (config.key_axis == "channel" and config.block_size % config.partition == 0 and head_dim > 0
-            and config.k_bits == config.bits)
+    """Whether the torch ops of this module serve the configuration (else torch_fast.py does): the channel key
+    axis, K and V codes of one width (read_pages unpacks both in one channel order)."""
+    return _channel_pages(config, head_dim) and config.k_bits == config.bits
 
 
 def native_ok(config: KVConfig, head_dim: int) -> bool:
-    """Whether hack attention runs the compiled paged products (native.py): built here, and codes whole bytes
-    per head_dim partition."""
-    per_byte = 8 // config.bits
-    return config.head_partition(head_dim) % per_byte == 0 and native.library() is not None
+    """Whether hack attention runs the compiled paged products (native.py): built here, the channel key axis,
+    and K's and V's codes whole bytes per head_dim partition (each product reads its own width)."""
+    pd = config.head_partition(head_dim)
+    return (_channel_pages(config, head_dim) and all(pd % (8 // bits) == 0 for bits in (config.k_bits, config.bits))
+            and native.library() is not None)
 
 
 def _native_hack_decode(q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
@@ -367,24 +372,26 @@ def _native_hack_decode(q: torch.Tensor, seq_lens: torch.Tensor, block_tables: t
     qh = _group_heads(q.unsqueeze(1), heads) * softmax_scale  # [B*Hkv, G, D] (a view of q: no in-place op)
     rows = qh.shape[1]
     sinks, paged, tail = sink_k.shape[1], int(n_paged.max()), tail_k.shape[1]
-    geometry = _geometry(cache, block_tables, config, rows, head_dim)
+    k_geometry, v_geometry = (_geometry(cache, block_tables, config, rows, head_dim, bits)
+                              for bits in (config.k_bits, config.bits))
     tables, n_paged = block_tables.to(torch.int32).contiguous(), n_paged.contiguous()
     scores = qh.new_empty((qh.shape[0], rows, sinks + paged + tail))
     torch.bmm(qh, sink_k.mT, out=scores[:, :, :sinks])
-    native.hack_paged_scores(geometry, cache, tables, n_paged, qh, scores[:, :, sinks : sinks + paged])
+    native.hack_paged_scores(k_geometry, cache, tables, n_paged, qh, scores[:, :, sinks : sinks + paged])
     torch.bmm(qh, tail_k.mT, out=scores[:, :, sinks + paged :])
     valid = torch.cat([torch.arange(n)[None] < count[:, None]
                        for n, count in ((sinks, n_sinks), (paged, n_paged), (tail, n_tail))], dim=1)  # [B, L]
     scores.view(batch, heads, rows, -1).masked_fill_(~valid[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    out = native.hack_paged_pv(geometry, cache, tables, n_paged, probs[:, :, sinks : sinks + paged])
+    out = native.hack_paged_pv(v_geometry, cache, tables, n_paged, probs[:, :, sinks : sinks + paged])
     out.baddbmm_(probs[:, :, :sinks], sink_v).baddbmm_(probs[:, :, sinks + paged :], tail_v)
     return _ungroup_heads(out, batch, 1)[:, 0].to(q.dtype)
 
 
-def _geometry(cache: Cache, block_tables: torch.Tensor, config: KVConfig, rows: int,
-              head_dim: int) -> native.Geometry:
-    return native.Geometry(cache["tail_k"].shape[1], head_dim, config.bits, config.partition,
+def _geometry(cache: Cache, block_tables: torch.Tensor, config: KVConfig, rows: int, head_dim: int,
+              bits: int) -> native.Geometry:
+    """The C products' geometry, for codes `bits` wide (K's for the scores, V's for the output)."""
+    return native.Geometry(cache["tail_k"].shape[1], head_dim, bits, config.partition,
                            config.head_partition(head_dim), config.block_size, rows, block_tables.shape[1])
 
 
@@ -395,11 +402,12 @@ def _native_attend(cache: Cache, config: KVConfig, softmax_scale: float) -> "Att
     def attend(qh: torch.Tensor, row_pos: torch.Tensor, keys: Keys, groups: int) -> torch.Tensor:
         table = keys.pages["tables"]
         visible = keys.n_paged.clamp(max=groups * keys.partition).contiguous()
-        geometry = _geometry(cache, table, config, qh.shape[1], qh.shape[-1])
+        k_geometry, v_geometry = (_geometry(cache, table, config, qh.shape[1], qh.shape[-1], bits)
+                                  for bits in (config.k_bits, config.bits))
         return attend_rows(qh, row_pos, keys, groups, softmax_scale,
-                           lambda rows, _, out: native.hack_paged_scores(geometry, cache, table, visible,
+                           lambda rows, _, out: native.hack_paged_scores(k_geometry, cache, table, visible,
                                                                          rows.contiguous(), out),
-                           lambda p, _: native.hack_paged_pv(geometry, cache, table, visible, p))
+                           lambda p, _: native.hack_paged_pv(v_geometry, cache, table, visible, p))
 
     return attend
 

@@ -34,7 +34,8 @@ FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c11"
 
 
 class Geometry(ctypes.Structure):
-    """csrc/paged_attention.c's Geometry: one layer's pool and a decode batch."""
+    """csrc/paged_attention.c's Geometry: one layer's pool and a decode batch; `bits` is the width of the codes
+    the call reads (K's for hack_paged_scores, V's for hack_paged_pv: key_bits may differ)."""
 
     _fields_ = [(name, ctypes.c_int64) for name in
                 ("heads", "head_dim", "bits", "partition", "head_part", "block_size", "rows", "max_pages")]
@@ -90,10 +91,12 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def uses_vnni(geometry: Geometry) -> bool:
-    """Whether the kernels take their AVX512-VNNI path for this geometry (else portable C loops)."""
+def uses_vnni(geometry: Geometry) -> tuple[bool, bool]:
+    """Whether q·k and P·V take their AVX512-VNNI paths for this geometry (else portable C loops): q·k for 2- or
+    4-bit codes, P·V for 2-bit codes, both given head_dim % 64 == 0 and 16-channel q partitions."""
     lib = library()
-    return lib is not None and bool(lib.hack_paged_vnni(ctypes.byref(geometry)))
+    paths = lib.hack_paged_vnni(ctypes.byref(geometry)) if lib is not None else 0
+    return bool(paths & 1), bool(paths & 2)
 
 
 @functools.cache

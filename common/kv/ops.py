@@ -13,8 +13,7 @@ op keeps the signature of its torch reference in reference.py. Routing:
     configurations cpu_ops does not serve), unless TRITON_INTERPRET=1 is set when the op is dispatched: then the
     same Triton kernels run in Triton's interpreter (how the tests check them without a GPU). CUDA tensors run
     torch_fast.py's fp16-mode ops (the uncompressed baseline has no kernel).
-  * What the kernels do not implement (head_dim not a power of two >= 8, K codes of their own width (key_bits,
-    also outside cpu_ops.py and the C kernels); in the append only: stochastic
+  * What the kernels do not implement (head_dim not a power of two >= 8; in the append only: stochastic
     rounding, clipped ranges, a 16-bit recent window) falls back to the vectorized torch ops of torch_fast.py
     (any device) with a one-time warning, so a configuration never fails for lack of a kernel. The attention
     kernels read the window (a tail of Π + window rows); rotation happens outside the ops.
@@ -83,8 +82,6 @@ def kernel_gap(config: KVConfig, head_dim: int) -> str | None:
     """Why the Triton attention kernels cannot serve this configuration, or None when they can."""
     if head_dim < 8 or head_dim & (head_dim - 1):
         return f"head_dim={head_dim} is not a power of two >= 8"
-    if config.k_bits != config.bits:
-        return "the kernels read K and V codes of one width (key_bits unset)"
     return None
 
 

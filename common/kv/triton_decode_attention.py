@@ -35,9 +35,9 @@ def _hack_decode_kernel(
     k_codes_ptr, k_scale_ptr, k_min_ptr, k_sums_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr, v_sums_ptr,
     sink_k_ptr, sink_v_ptr, tail_k_ptr, tail_v_ptr,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, PD: tl.constexpr,
-    PI: tl.constexpr, BS: tl.constexpr, BITS: tl.constexpr, NUM_SINKS: tl.constexpr, SINK_BLOCK: tl.constexpr,
-    WINDOW: tl.constexpr, KEY_CHANNEL: tl.constexpr, HAS_SUMS: tl.constexpr, REQUANT_ELIM: tl.constexpr,
-    SPLIT: tl.constexpr, INT_DOT: tl.constexpr, FLOAT_DOT: tl.constexpr,
+    PI: tl.constexpr, BS: tl.constexpr, K_BITS: tl.constexpr, BITS: tl.constexpr, NUM_SINKS: tl.constexpr,
+    SINK_BLOCK: tl.constexpr, WINDOW: tl.constexpr, KEY_CHANNEL: tl.constexpr, HAS_SUMS: tl.constexpr,
+    REQUANT_ELIM: tl.constexpr, SPLIT: tl.constexpr, INT_DOT: tl.constexpr, FLOAT_DOT: tl.constexpr,
 ):
     split = tl.program_id(0)
     head = tl.program_id(1)
@@ -65,7 +65,7 @@ def _hack_decode_kernel(
         m_i, l_i, acc = hack_attend_tile(
             q3, q_codes, q_scale, q_min, q_sum, (tokens < n_valid)[None, :], m_i, l_i, acc, scale_log2,
             k_codes_ptr, k_scale_ptr, k_min_ptr, k_sums_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr, v_sums_ptr,
-            page * HKV + head, slot0, n_valid, D, PD, PI, BS, BITS, KEY_CHANNEL, HAS_SUMS, INT_DOT)
+            page * HKV + head, slot0, n_valid, D, PD, PI, BS, K_BITS, BITS, KEY_CHANNEL, HAS_SUMS, INT_DOT)
 
     m_i, l_i, acc = attend_sinks_and_tail(q3, seq_len, split, num_splits, m_i, l_i, acc, scale_log2, state_row,
                                           n_sinks, n_paged, n_tail, sink_k_ptr, sink_v_ptr, tail_k_ptr, tail_v_ptr,
@@ -185,7 +185,7 @@ def decode_meta(q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Ten
     )
     meta = dict(
         HKV=num_kv_heads, G=group, BLOCK_M=block_m, D=head_dim, PD=pd, PI=pi, BS=config.block_size,
-        BITS=config.bits, NUM_SINKS=config.num_sinks, SINK_BLOCK=sink_block, WINDOW=config.window,
+        K_BITS=config.k_bits, BITS=config.bits, NUM_SINKS=config.num_sinks, SINK_BLOCK=sink_block, WINDOW=config.window,
         KEY_CHANNEL=config.key_axis == "channel",
         REQUANT_ELIM=config.requant_elimination, FLOAT_DOT=use_dot(block_m, pd, head_dim, sink_block),
     )

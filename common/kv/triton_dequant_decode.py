@@ -29,9 +29,9 @@ def _dequant_decode_kernel(
     k_codes_ptr, k_scale_ptr, k_min_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr,
     sink_k_ptr, sink_v_ptr, tail_k_ptr, tail_v_ptr,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, PD: tl.constexpr,
-    PI: tl.constexpr, BS: tl.constexpr, BITS: tl.constexpr, NUM_SINKS: tl.constexpr, SINK_BLOCK: tl.constexpr,
-    WINDOW: tl.constexpr, KEY_CHANNEL: tl.constexpr, REQUANT_ELIM: tl.constexpr, SPLIT: tl.constexpr,
-    FLOAT_DOT: tl.constexpr,
+    PI: tl.constexpr, BS: tl.constexpr, K_BITS: tl.constexpr, BITS: tl.constexpr, NUM_SINKS: tl.constexpr,
+    SINK_BLOCK: tl.constexpr, WINDOW: tl.constexpr, KEY_CHANNEL: tl.constexpr, REQUANT_ELIM: tl.constexpr,
+    SPLIT: tl.constexpr, FLOAT_DOT: tl.constexpr,
 ):
     split = tl.program_id(0)
     head = tl.program_id(1)
@@ -56,7 +56,8 @@ def _dequant_decode_kernel(
         page, slot0 = tile_page(block_table, tile * PI, BS)
         n_valid = n_paged - tile * PI
         keys, values = dequantized_group(k_codes_ptr, k_scale_ptr, k_min_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr,
-                                         page * HKV + head, slot0, n_valid, D, PD, PI, BS, BITS, KEY_CHANNEL)
+                                         page * HKV + head, slot0, n_valid, D, PD, PI, BS, K_BITS, BITS,
+                                         KEY_CHANNEL)
         m_i, l_i, acc = float_attend_tile(q3, tl.reshape(keys, (NP, PD, PI)), values, (tokens < n_valid)[None, :],
                                           m_i, l_i, acc, scale_log2, FLOAT_DOT, True)
 

@@ -69,9 +69,9 @@ def _dequant_prefill_kernel(
     k_codes_ptr, k_scale_ptr, k_min_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr,
     sink_k_ptr, sink_v_ptr, tail_k_ptr, tail_v_ptr,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
-    PD: tl.constexpr, PI: tl.constexpr, BS: tl.constexpr, BITS: tl.constexpr, NUM_SINKS: tl.constexpr,
-    SINK_BLOCK: tl.constexpr, WINDOW: tl.constexpr, KEY_CHANNEL: tl.constexpr, REQUANT_ELIM: tl.constexpr,
-    DOT: tl.constexpr, BF16: tl.constexpr,
+    PD: tl.constexpr, PI: tl.constexpr, BS: tl.constexpr, K_BITS: tl.constexpr, BITS: tl.constexpr,
+    NUM_SINKS: tl.constexpr, SINK_BLOCK: tl.constexpr, WINDOW: tl.constexpr, KEY_CHANNEL: tl.constexpr,
+    REQUANT_ELIM: tl.constexpr, DOT: tl.constexpr, BF16: tl.constexpr,
 ):
     block = tl.program_id(0)
     head = tl.program_id(1)
@@ -107,8 +107,8 @@ def _dequant_prefill_kernel(
             page, slot0 = tile_page(block_table, tile * PI, BS)
             n_valid = n_paged - tile * PI
             keys, values = dequantized_group(k_codes_ptr, k_scale_ptr, k_min_ptr, v_codes_ptr, v_scale_ptr,
-                                              v_min_ptr, page * HKV + head, slot0, n_valid, D, PD, PI, BS, BITS,
-                                              KEY_CHANNEL)
+                                              v_min_ptr, page * HKV + head, slot0, n_valid, D, PD, PI, BS, K_BITS,
+                                              BITS, KEY_CHANNEL)
             visible = (tokens < n_valid)[None, :] & ((n_sinks + tile * PI + tokens)[None, :] <= q_pos)
             m_i, l_i, acc = _attend(q, keys, values, visible, m_i, l_i, acc, scale_log2, DOT, BF16)
 
@@ -148,7 +148,7 @@ def dequant_prefill_attention(q: torch.Tensor, cu_q: torch.Tensor, seq_lens: tor
         cache["k_codes"], cache["k_scale"], cache["k_min"], cache["v_codes"], cache["v_scale"], cache["v_min"],
         cache["sink_k"], cache["sink_v"], cache["tail_k"], cache["tail_v"],
         HKV=num_kv_heads, G=group, BLOCK_G=block_g, BLOCK_T=block_t, D=head_dim,
-        PD=config.head_partition(head_dim), PI=pi, BS=config.block_size, BITS=config.bits,
+        PD=config.head_partition(head_dim), PI=pi, BS=config.block_size, K_BITS=config.k_bits, BITS=config.bits,
         NUM_SINKS=config.num_sinks, SINK_BLOCK=sink_block, WINDOW=config.window,
         KEY_CHANNEL=config.key_axis == "channel", REQUANT_ELIM=config.requant_elimination,
         DOT=use_dot(rows, head_dim, pi, sink_block), BF16=q.dtype == torch.bfloat16,

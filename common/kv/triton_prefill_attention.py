@@ -33,9 +33,9 @@ def _hack_prefill_kernel(
     k_codes_ptr, k_scale_ptr, k_min_ptr, k_sums_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr, v_sums_ptr,
     sink_k_ptr, sink_v_ptr, tail_k_ptr, tail_v_ptr,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
-    PD: tl.constexpr, PI: tl.constexpr, BS: tl.constexpr, BITS: tl.constexpr, NUM_SINKS: tl.constexpr,
-    SINK_BLOCK: tl.constexpr, WINDOW: tl.constexpr, KEY_CHANNEL: tl.constexpr, HAS_SUMS: tl.constexpr,
-    REQUANT_ELIM: tl.constexpr, INT_DOT: tl.constexpr, FLOAT_DOT: tl.constexpr,
+    PD: tl.constexpr, PI: tl.constexpr, BS: tl.constexpr, K_BITS: tl.constexpr, BITS: tl.constexpr,
+    NUM_SINKS: tl.constexpr, SINK_BLOCK: tl.constexpr, WINDOW: tl.constexpr, KEY_CHANNEL: tl.constexpr,
+    HAS_SUMS: tl.constexpr, REQUANT_ELIM: tl.constexpr, INT_DOT: tl.constexpr, FLOAT_DOT: tl.constexpr,
 ):
     block = tl.program_id(0)
     head = tl.program_id(1)
@@ -73,7 +73,7 @@ def _hack_prefill_kernel(
             m_i, l_i, acc = hack_attend_tile(
                 q3, q_codes, q_scale, q_min, q_sum, visible, m_i, l_i, acc, scale_log2,
                 k_codes_ptr, k_scale_ptr, k_min_ptr, k_sums_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr, v_sums_ptr,
-                page * HKV + head, slot0, n_valid, D, PD, PI, BS, BITS, KEY_CHANNEL, HAS_SUMS, INT_DOT)
+                page * HKV + head, slot0, n_valid, D, PD, PI, BS, K_BITS, BITS, KEY_CHANNEL, HAS_SUMS, INT_DOT)
 
         if REQUANT_ELIM:
             m_i, l_i, acc = attend_tail(q3, q_pos, m_i, l_i, acc, scale_log2, tail_k_ptr, tail_v_ptr, state_row,
@@ -108,7 +108,8 @@ def hack_prefill_attention(q: torch.Tensor, cu_q: torch.Tensor, seq_lens: torch.
         cache["v_codes"], cache["v_scale"], cache["v_min"], sums[1],
         cache["sink_k"], cache["sink_v"], cache["tail_k"], cache["tail_v"],
         HKV=num_kv_heads, G=group, BLOCK_G=block_g, BLOCK_T=block_t, D=head_dim, PD=pd, PI=pi,
-        BS=config.block_size, BITS=config.bits, NUM_SINKS=config.num_sinks, SINK_BLOCK=sink_block,
+        BS=config.block_size, K_BITS=config.k_bits, BITS=config.bits, NUM_SINKS=config.num_sinks,
+        SINK_BLOCK=sink_block,
         WINDOW=config.window, KEY_CHANNEL=config.key_axis == "channel", HAS_SUMS=config.sum_elimination,
         REQUANT_ELIM=config.requant_elimination,
         INT_DOT=use_int8_dot(rows, pd, pi) and use_int8_dot(rows, pi, head_dim),

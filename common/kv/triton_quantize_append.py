@@ -88,11 +88,12 @@ def _load_stream(x_ptr, stride_t, stride_h, tail_ptr, rows, head, positions, val
 def _store_group(kx, vx, valid, page, slot0, head,
                  k_codes_ptr, k_scale_ptr, k_min_ptr, k_sums_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr, v_sums_ptr,
                  HKV: tl.constexpr, D: tl.constexpr, PD: tl.constexpr, PI: tl.constexpr, BS: tl.constexpr,
-                 BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr, HAS_SUMS: tl.constexpr):
-    """Quantize one token group (kx, vx [Π, D] fp16, `valid` tokens only) into page `page` from slot slot0."""
+                 K_BITS: tl.constexpr, BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr, HAS_SUMS: tl.constexpr):
+    """Quantize one token group (kx, vx [Π, D] fp16, `valid` tokens only) into page `page` from slot slot0:
+    K's codes K_BITS wide, V's BITS."""
     NP: tl.constexpr = D // PD
+    K_LEVELS: tl.constexpr = (1 << K_BITS) - 1
     LEVELS: tl.constexpr = (1 << BITS) - 1
-    ROW_BYTES: tl.constexpr = D * BITS // 8
     tokens = tl.arange(0, PI)
     channels = tl.arange(0, D)
     parts = tl.arange(0, NP)
@@ -103,13 +104,13 @@ def _store_group(kx, vx, valid, page, slot0, head,
     vf = vx.to(tl.float32)
 
     if KEY_CHANNEL:
-        k_codes, k_scale, k_min = _quantize_per_channel(kf, valid, LEVELS)
+        k_codes, k_scale, k_min = _quantize_per_channel(kf, valid, K_LEVELS)
         tl.store(k_scale_ptr + group_row * D + channels[None, :], k_scale)
         tl.store(k_min_ptr + group_row * D + channels[None, :], k_min)
     else:
         k_parts = tl.reshape(kf, (PI, NP, PD))
         k_codes, k_scale, k_min = _quantize(k_parts, tl.min(k_parts, axis=2, keep_dims=True),
-                                            tl.max(k_parts, axis=2, keep_dims=True), LEVELS)
+                                            tl.max(k_parts, axis=2, keep_dims=True), K_LEVELS)
         k_codes = tl.reshape(k_codes, (PI, D))
         param_offsets = token_rows * NP + parts[None, :]
         tl.store(k_scale_ptr + param_offsets, tl.reshape(k_scale, (PI, NP)), mask=valid[:, None])
@@ -118,9 +119,10 @@ def _store_group(kx, vx, valid, page, slot0, head,
     tl.store(v_scale_ptr + group_row * D + channels[None, :], v_scale)
     tl.store(v_min_ptr + group_row * D + channels[None, :], v_min)
 
-    byte_offsets = token_rows * ROW_BYTES + tl.arange(0, ROW_BYTES)[None, :]
-    tl.store(k_codes_ptr + byte_offsets, _pack(k_codes, BITS), mask=valid[:, None])
-    tl.store(v_codes_ptr + byte_offsets, _pack(v_codes, BITS), mask=valid[:, None])
+    k_bytes = token_rows * (D * K_BITS // 8) + tl.arange(0, D * K_BITS // 8)[None, :]
+    tl.store(k_codes_ptr + k_bytes, _pack(k_codes, K_BITS), mask=valid[:, None])
+    v_bytes = token_rows * (D * BITS // 8) + tl.arange(0, D * BITS // 8)[None, :]
+    tl.store(v_codes_ptr + v_bytes, _pack(v_codes, BITS), mask=valid[:, None])
     if HAS_SUMS:
         k_sums = tl.sum(tl.reshape(k_codes, (PI, NP, PD)), axis=2).to(tl.int16)
         tl.store(k_sums_ptr + token_rows * NP + parts[None, :], k_sums, mask=valid[:, None])
@@ -135,8 +137,8 @@ def _quantize_append_kernel(
     k_codes_ptr, k_scale_ptr, k_min_ptr, k_sums_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr, v_sums_ptr,
     sink_k_ptr, sink_v_ptr, tail_k_ptr, tail_v_ptr,
     HKV: tl.constexpr, D: tl.constexpr, PD: tl.constexpr, PI: tl.constexpr, BS: tl.constexpr,
-    BITS: tl.constexpr, NUM_SINKS: tl.constexpr, SINK_BLOCK: tl.constexpr, KEY_CHANNEL: tl.constexpr,
-    HAS_SUMS: tl.constexpr, REQUANT_ELIM: tl.constexpr, OPEN_PASS: tl.constexpr,
+    K_BITS: tl.constexpr, BITS: tl.constexpr, NUM_SINKS: tl.constexpr, SINK_BLOCK: tl.constexpr,
+    KEY_CHANNEL: tl.constexpr, HAS_SUMS: tl.constexpr, REQUANT_ELIM: tl.constexpr, OPEN_PASS: tl.constexpr,
 ):
     group = tl.program_id(0)
     head = tl.program_id(1)
@@ -186,8 +188,8 @@ def _quantize_append_kernel(
         if not OPEN_PASS or not REQUANT_ELIM:
             page, slot0 = tile_page(block_table, group_start + start, BS)
             _store_group(kx, vx, valid, page, slot0, head, k_codes_ptr, k_scale_ptr, k_min_ptr, k_sums_ptr,
-                         v_codes_ptr, v_scale_ptr, v_min_ptr, v_sums_ptr, HKV, D, PD, PI, BS, BITS, KEY_CHANNEL,
-                         HAS_SUMS)
+                         v_codes_ptr, v_scale_ptr, v_min_ptr, v_sums_ptr, HKV, D, PD, PI, BS, K_BITS, BITS,
+                         KEY_CHANNEL, HAS_SUMS)
 
 
 @triton.jit
@@ -223,7 +225,8 @@ def quantize_append(k: torch.Tensor, v: torch.Tensor, cu_new: torch.Tensor, num_
             cache["v_codes"], cache["v_scale"], cache["v_min"], sums[1],
             cache["sink_k"], cache["sink_v"], cache["tail_k"], cache["tail_v"],
             HKV=num_kv_heads, D=head_dim, PD=config.head_partition(head_dim), PI=pi, BS=config.block_size,
-            BITS=config.bits, NUM_SINKS=config.num_sinks, SINK_BLOCK=triton.next_power_of_2(max(config.num_sinks, 1)),
+            K_BITS=config.k_bits, BITS=config.bits, NUM_SINKS=config.num_sinks,
+            SINK_BLOCK=triton.next_power_of_2(max(config.num_sinks, 1)),
             KEY_CHANNEL=config.key_axis == "channel", HAS_SUMS=config.sum_elimination,
             REQUANT_ELIM=config.requant_elimination, OPEN_PASS=open_pass, num_warps=num_warps,
         )

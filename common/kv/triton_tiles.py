@@ -51,16 +51,16 @@ def value_codes(v_codes_ptr, token_rows, key_valid, D: tl.constexpr, BITS: tl.co
 @triton.jit
 def dequantized_group(k_codes_ptr, k_scale_ptr, k_min_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr, head_page, slot0,
                        n_valid, D: tl.constexpr, PD: tl.constexpr, PI: tl.constexpr, BS: tl.constexpr,
-                       BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr):
+                       K_BITS: tl.constexpr, BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr):
     """One page group dequantized in registers (the dequant baseline's tiles): fp32 keys [D, Π] and values
-    [Π, D], s * code + m; tokens >= n_valid are finite."""
+    [Π, D], s * code + m (K codes K_BITS wide, V codes BITS); tokens >= n_valid are finite."""
     NP: tl.constexpr = D // PD
     tokens = tl.arange(0, PI)
     valid = tokens < n_valid
     token_rows = head_page * BS + slot0 + tokens
     group_row = head_page * (BS // PI) + slot0 // PI
     channels = tl.arange(0, D)
-    codes = tl.reshape(key_codes(k_codes_ptr, token_rows, valid, 1, D, D, BITS), (D, PI))
+    codes = tl.reshape(key_codes(k_codes_ptr, token_rows, valid, 1, D, D, K_BITS), (D, PI))
     if KEY_CHANNEL:
         k_offsets = group_row * D + channels[:, None]  # [D, 1]
         k_scale = tl.load(k_scale_ptr + k_offsets).to(tl.float32)
@@ -79,9 +79,9 @@ def dequantized_group(k_codes_ptr, k_scale_ptr, k_min_ptr, v_codes_ptr, v_scale_
 @triton.jit
 def hack_scores(q3, q_codes, q_scale, q_min, q_sum, k_codes_ptr, k_scale_ptr, k_min_ptr, k_sums_ptr,
                 head_page, slot0, n_valid,
-                D: tl.constexpr, PD: tl.constexpr, PI: tl.constexpr, BS: tl.constexpr, BITS: tl.constexpr,
+                D: tl.constexpr, PD: tl.constexpr, PI: tl.constexpr, BS: tl.constexpr, K_BITS: tl.constexpr,
                 KEY_CHANNEL: tl.constexpr, HAS_SUMS: tl.constexpr, INT_DOT: tl.constexpr):
-    """q·k [M, Π] of the query rows against the Π tokens of one page group, from K's codes.
+    """q·k [M, Π] of the query rows against the Π tokens of one page group, from K's codes (K_BITS wide).
 
     q3 is the fp32 query [NP, M, PD]; q_codes/q_scale/q_min/q_sum its per-partition INT8 form (key_axis
     "token"; recomputed per tile from the folded query for "channel"). Tokens >= n_valid get finite garbage.
@@ -90,7 +90,7 @@ def hack_scores(q3, q_codes, q_scale, q_min, q_sum, k_codes_ptr, k_scale_ptr, k_
     tokens = tl.arange(0, PI)
     key_valid = tokens < n_valid
     token_rows = head_page * BS + slot0 + tokens
-    codes = key_codes(k_codes_ptr, token_rows, key_valid, NP, PD, D, BITS)  # [NP, PD, Π]
+    codes = key_codes(k_codes_ptr, token_rows, key_valid, NP, PD, D, K_BITS)  # [NP, PD, Π]
     part_tokens = token_rows[None, None, :] * NP + tl.arange(0, NP)[:, None, None]  # [NP, 1, Π]
     if HAS_SUMS:
         k_sum = tl.load(k_sums_ptr + part_tokens, mask=key_valid[None, None, :], other=0).to(tl.float32)
@@ -102,12 +102,12 @@ def hack_scores(q3, q_codes, q_scale, q_min, q_sum, k_codes_ptr, k_scale_ptr, k_
         k_scale = tl.load(k_scale_ptr + group_channels).to(tl.float32)  # [NP, 1, PD]
         k_min = tl.load(k_min_ptr + group_channels).to(tl.float32)
         folded_codes, folded_scale, folded_min, folded_sum = quantize_int8(q3 * k_scale, 2)
-        integer = code_matmul(folded_codes, folded_sum, codes, BITS, INT_DOT).to(tl.float32)
+        integer = code_matmul(folded_codes, folded_sum, codes, K_BITS, INT_DOT).to(tl.float32)
         per_part = folded_scale * integer + folded_min * k_sum
         return tl.sum(per_part, axis=0) + tl.sum(tl.sum(q3 * k_min, axis=2), axis=0)[:, None]
     k_scale = tl.load(k_scale_ptr + part_tokens, mask=key_valid[None, None, :], other=0.0).to(tl.float32)
     k_min = tl.load(k_min_ptr + part_tokens, mask=key_valid[None, None, :], other=0.0).to(tl.float32)
-    integer = code_matmul(q_codes, q_sum, codes, BITS, INT_DOT).to(tl.float32)  # [NP, M, Π]
+    integer = code_matmul(q_codes, q_sum, codes, K_BITS, INT_DOT).to(tl.float32)  # [NP, M, Π]
     per_part = q_scale * (k_scale * integer + k_min * q_sum.to(tl.float32)) + q_min * (k_scale * k_sum + PD * k_min)
     return tl.sum(per_part, axis=0)
 
@@ -135,11 +135,11 @@ def hack_pv(p, v_codes_ptr, v_scale_ptr, v_min_ptr, v_sums_ptr, head_page, slot0
 def hack_attend_tile(q3, q_codes, q_scale, q_min, q_sum, visible, m_i, l_i, acc, scale_log2,
                      k_codes_ptr, k_scale_ptr, k_min_ptr, k_sums_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr,
                      v_sums_ptr, head_page, slot0, n_valid,
-                     D: tl.constexpr, PD: tl.constexpr, PI: tl.constexpr, BS: tl.constexpr, BITS: tl.constexpr,
-                     KEY_CHANNEL: tl.constexpr, HAS_SUMS: tl.constexpr, INT_DOT: tl.constexpr):
+                     D: tl.constexpr, PD: tl.constexpr, PI: tl.constexpr, BS: tl.constexpr, K_BITS: tl.constexpr,
+                     BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr, HAS_SUMS: tl.constexpr, INT_DOT: tl.constexpr):
     """Online-softmax update with one paged token group; `visible` [M or 1, Π] masks keys (causal, length)."""
     scores = hack_scores(q3, q_codes, q_scale, q_min, q_sum, k_codes_ptr, k_scale_ptr, k_min_ptr, k_sums_ptr,
-                         head_page, slot0, n_valid, D, PD, PI, BS, BITS, KEY_CHANNEL, HAS_SUMS, INT_DOT)
+                         head_page, slot0, n_valid, D, PD, PI, BS, K_BITS, KEY_CHANNEL, HAS_SUMS, INT_DOT)
     scores = tl.where(visible, scores * scale_log2, float("-inf"))
     p, alpha, m_i, l_i = softmax_step(scores, m_i, l_i)
     pv = hack_pv(p, v_codes_ptr, v_scale_ptr, v_min_ptr, v_sums_ptr, head_page, slot0, n_valid, D, PI, BS, BITS,

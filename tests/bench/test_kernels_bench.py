@@ -31,6 +31,18 @@ def test_json_rows_cover_every_mode(capsys, tmp_path):
     assert "| 2 | 70 |" in out.err and "HACK / SDPA time" in report.read_text()
 
 
+def test_key_bits_rows_read_wider_keys(capsys):
+    decode = {}
+    for key_bits in (0, 4):
+        kernels.main(["--device", "cpu", "--json", "--contexts", "300", "--batches", "1", "--prefill", "--reps", "1",
+                      "--key-bits", str(key_bits)])
+        out = capsys.readouterr()
+        rows = [json.loads(line) for line in out.out.splitlines()]
+        decode[key_bits] = next(r for r in rows if r["mode"] == "hack")
+        assert ("(K 4-bit)" in out.err) == (key_bits == 4)
+    assert decode[4]["bytes_read"] > decode[0]["bytes_read"]
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
 def test_gpu_check_script_parses_and_dry_runs():
     script = ROOT / "bench" / "gpu_check.sh"

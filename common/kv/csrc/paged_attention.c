@@ -6,9 +6,10 @@
  * (sequence, KV head) pairs [bh_start, bh_end) of a batch, so Python runs disjoint ranges on several threads.
  *
  * Layouts (format.py): codes [blocks, H, bs, W] uint8, a token's row holds channel c in byte c / per_byte at bit
- * bits * (c % per_byte) (per_byte = 8 / bits); group parameters [blocks, H, bs / PI, D] fp16 (one row per group of
- * PI tokens). The code sums of the pool are not read: summing the codes here costs one add per code, read anyway.
- * All products of codes are integers below 2^24, so float32 accumulates them exactly. */
+ * bits * (c % per_byte) (per_byte = 8 / bits; Geometry.bits is the width of the codes a call reads: K's in
+ * hack_paged_scores, V's in hack_paged_pv, which differ under key_bits); group parameters [blocks, H, bs / PI, D]
+ * fp16 (one row per group of PI tokens). The code sums of the pool are not read: summing the codes here costs
+ * one add per code, read anyway. All products of codes are integers below 2^24, so float32 accumulates them exactly. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -258,23 +259,29 @@ static inline float quantize_s8_avx(const float *x, int64_t n, int8_t *out, floa
     return scale;
 }
 
-/* q·k: 16 tokens per vector (a gather of one 32-bit word of each token's row), channels reduced in the lanes. */
+/* q·k: 16 tokens per vector (a gather of one 32-bit word of each token's row), channels reduced in the lanes.
+ * 2- or 4-bit K codes: a word holds per_byte = 8 / bits codes of each of its 4 bytes; vector v = word * per_byte + s
+ * holds the codes at shift s, i.e. 4 channels (one per byte) of 16 tokens, and q's codes are packed to match:
+ * dword v of a row = the 4 q codes of those channels (by_shift puts a 16-channel chunk in that order). */
 static void scores_vnni(const Geometry *g, const uint8_t *k_codes, const half *k_scale, const half *k_min,
                         const int32_t *block_tables, const int64_t *n_paged, const float *q, float *scores,
                         int64_t stride, int64_t bh_start, int64_t bh_end) {
-    const int64_t D = g->head_dim, R = g->rows, pd = g->head_part, P = D / pd, W = D / 4, words = W / 4;
+    const int64_t D = g->head_dim, R = g->rows, pd = g->head_part, P = D / pd, bits = g->bits;
+    const int64_t W = D * bits / 8, words = W / 4, per_byte = 8 / bits, vectors = D / 4;
     float *folded = malloc(sizeof(float) * D), *sK = malloc(sizeof(float) * D), *mK = malloc(sizeof(float) * D);
     float *qscale = malloc(sizeof(float) * R * P), *qmin = malloc(sizeof(float) * R * P);
     float *offset = malloc(sizeof(float) * R);
     int8_t *codes = malloc(D);
-    int32_t *packed = malloc(sizeof(int32_t) * R * words * 4);  /* [R][word][shift]: 4 signed q codes */
-    __m512i *cv = aligned_alloc(64, sizeof(__m512i) * words * 4);  /* a 16-token block's codes per (word, shift) */
+    int32_t *packed = malloc(sizeof(int32_t) * R * vectors);  /* [R][vector]: 4 signed q codes */
+    __m512i *cv = aligned_alloc(64, sizeof(__m512i) * vectors);  /* a 16-token block's codes per vector */
     __m512i *sums = aligned_alloc(64, sizeof(__m512i) * P);  /* its code sums per q partition */
     const __m512i lanes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                              _mm512_set1_epi32((int)W));
-    const __m512i low2 = _mm512_set1_epi32(0x03030303), ones = _mm512_set1_epi32(0x01010101);
-    /* 16 channel codes c0..c15 of a word -> 4 dwords, dword s = [c_s, c_4+s, c_8+s, c_12+s] */
-    const __m128i by_shift = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m512i low = _mm512_set1_epi32(bits == 2 ? 0x03030303 : 0x0F0F0F0F), ones = _mm512_set1_epi32(0x01010101);
+    /* 16 channel codes c0..c15 -> 4 dwords. 2 bits (one word): dword s = [c_s, c_4+s, c_8+s, c_12+s];
+     * 4 bits (two words w): dword 2w + s = [c_8w+s, c_8w+2+s, c_8w+4+s, c_8w+6+s] */
+    const __m128i by_shift = bits == 2 ? _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15)
+                                       : _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
     for (int64_t bh = bh_start; bh < bh_end; bh++) {
         const int64_t b = bh / g->heads, h = bh % g->heads, n = n_paged[b];
         const int32_t *table = block_tables + b * g->max_pages;
@@ -293,9 +300,10 @@ static void scores_vnni(const Geometry *g, const uint8_t *k_codes, const half *k
                 offset[r] = _mm512_reduce_add_ps(off);
                 for (int64_t p = 0; p < P; p++)
                     qscale[r * P + p] = quantize_s8_avx(folded + p * pd, pd, codes + p * pd, qmin + r * P + p, NULL);
-                for (int64_t word = 0; word < words; word++)
-                    _mm_storeu_si128((__m128i *)(packed + (r * words + word) * 4),
-                                     _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(codes + 16 * word)), by_shift));
+                for (int64_t chunk = 0; chunk < D / 16; chunk++)
+                    _mm_storeu_si128((__m128i *)(packed + r * vectors + 4 * chunk),
+                                     _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(codes + 16 * chunk)),
+                                                      by_shift));
             }
             const uint8_t *rows = k_codes + token_row(g, table, h, t0) * W;  /* a group lies in one page */
             for (int64_t tb = 0; tb < count; tb += 16) {
@@ -304,20 +312,21 @@ static void scores_vnni(const Geometry *g, const uint8_t *k_codes, const half *k
                 for (int64_t word = 0; word < words; word++) {  /* the 16 tokens' codes, once for all rows */
                     const __m512i data = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, lanes,
                                                                      rows + tb * W + 4 * word, 1);
-                    for (int s = 0; s < 4; s++) {
-                        cv[word * 4 + s] = _mm512_and_si512(_mm512_srli_epi32(data, 2 * s), low2);
-                        sums[word * 16 / pd] = _mm512_dpbusd_epi32(sums[word * 16 / pd], cv[word * 4 + s], ones);
+                    for (int64_t s = 0; s < per_byte; s++) {
+                        const int64_t v = word * per_byte + s, p = 4 * v / pd;
+                        cv[v] = _mm512_and_si512(_mm512_srli_epi32(data, (unsigned)(bits * s)), low);
+                        sums[p] = _mm512_dpbusd_epi32(sums[p], cv[v], ones);
                     }
                 }
                 for (int64_t r = 0; r < R; r++) {
-                    const int32_t *qr = packed + r * words * 4;
+                    const int32_t *qr = packed + r * vectors;
                     __m512 total = _mm512_set1_ps(offset[r]);
                     for (int64_t p = 0; p < P; p++) {
                         __m512i a0 = _mm512_slli_epi32(sums[p], 7), a1 = _mm512_setzero_si512();
                         __m512i a2 = _mm512_setzero_si512(), a3 = _mm512_setzero_si512();
-                        for (int64_t word = p * pd / 16; word < (p + 1) * pd / 16; word++) {
-                            const __m512i *c = cv + word * 4;
-                            const int32_t *w = qr + word * 4;
+                        for (int64_t v = p * pd / 4; v < (p + 1) * pd / 4; v += 4) {  /* 4 channels a vector */
+                            const __m512i *c = cv + v;
+                            const int32_t *w = qr + v;
                             a0 = _mm512_dpbusd_epi32(a0, c[0], _mm512_set1_epi32(w[0]));
                             a1 = _mm512_dpbusd_epi32(a1, c[1], _mm512_set1_epi32(w[1]));
                             a2 = _mm512_dpbusd_epi32(a2, c[2], _mm512_set1_epi32(w[2]));
@@ -430,23 +439,28 @@ static void pv_vnni(const Geometry *g, const uint8_t *v_codes, const half *v_sca
 }
 #endif
 
-static int vnni_fits(const Geometry *g) {
-    /* 2-bit codes, whole 16-byte chunks per row, whole 16-channel words per q partition */
+static int vnni_fits(const Geometry *g, int64_t max_bits) {
+    /* 2-bit codes (4-bit too for q·k), whole 16-byte chunks per row, whole 16-channel chunks per q partition */
 #ifdef HAVE_VNNI
-    return g->bits == 2 && g->head_dim % 64 == 0 && g->head_part % 16 == 0;
+    return (g->bits == 2 || g->bits == max_bits) && g->head_dim % 64 == 0 && g->head_part % 16 == 0;
 #else
-    (void)g;
+    (void)g, (void)max_bits;
     return 0;
 #endif
 }
+#define SCORES_VNNI_BITS 4
+#define PV_VNNI_BITS 2
 
-int hack_paged_vnni(const Geometry *g) { return vnni_fits(g); }
+/* Whether q·k (1) and P·V (2) take the AVX512-VNNI paths for this geometry (its bits: K's, or V's). */
+int hack_paged_vnni(const Geometry *g) {
+    return vnni_fits(g, SCORES_VNNI_BITS) | vnni_fits(g, PV_VNNI_BITS) << 1;
+}
 
 void hack_paged_scores(const Geometry *g, const uint8_t *k_codes, const half *k_scale, const half *k_min,
                         const int32_t *block_tables, const int64_t *n_paged, const float *q, float *scores,
                         int64_t stride, int64_t bh_start, int64_t bh_end) {
 #ifdef HAVE_VNNI
-    if (vnni_fits(g)) {
+    if (vnni_fits(g, SCORES_VNNI_BITS)) {
         scores_vnni(g, k_codes, k_scale, k_min, block_tables, n_paged, q, scores, stride, bh_start, bh_end);
         return;
     }
@@ -458,7 +472,7 @@ void hack_paged_pv(const Geometry *g, const uint8_t *v_codes, const half *v_scal
                     const int32_t *block_tables, const int64_t *n_paged, const float *probs, int64_t stride,
                     float *out, int64_t bh_start, int64_t bh_end) {
 #ifdef HAVE_VNNI
-    if (vnni_fits(g)) {
+    if (vnni_fits(g, PV_VNNI_BITS)) {
         pv_vnni(g, v_codes, v_scale, v_min, block_tables, n_paged, probs, stride, out, bh_start, bh_end);
         return;
     }

@@ -148,12 +148,18 @@ def test_export_import_round_trip(overrides, prompt) -> None:
 
 @pytest.mark.parametrize("bits, gain", [(2, 0.9), (4, 1.0)])
 def test_mse_ranges_never_err_more_than_min_max(bits, gain) -> None:
-    gen = torch.Generator().manual_seed(fresh_seed())
-    x = torch.randn(3, 17, 64, generator=gen)
+    """The guarantee holds for the parameters the search compares (fp32): min/max is one of its candidates and
+    wins ties. Stored as fp16 (rounded outward), either choice can move by a fraction of a percent (seed 36,
+    4 bits: 0.4654 vs 0.4626), so the stored form is checked in aggregate only."""
+    seed = fresh_seed()
+    x = torch.randn(3, 17, 64, generator=torch.Generator().manual_seed(seed))
     x[0, :, 5] = 30.0  # an outlier value in every partition of one row
-    errors = {r: (dequantize(quantize(x, bits, ranges=r)) - x).square().sum(-1) for r in ("minmax", "mse")}
-    assert (errors["mse"] <= errors["minmax"] * (1 + 1e-3) + 1e-6).all()
-    assert errors["mse"][1:].sum() < gain * errors["minmax"][1:].sum()  # Gaussian rows: tails worth clipping
+    for param_dtype in (None, torch.float16):
+        errors = {r: (dequantize(quantize(x, bits, ranges=r, param_dtype=param_dtype)) - x).square().sum(-1)
+                  for r in ("minmax", "mse")}
+        if param_dtype is None:
+            assert (errors["mse"] <= errors["minmax"]).all(), f"seed {seed}"
+        assert errors["mse"][1:].sum() < gain * errors["minmax"][1:].sum(), f"seed {seed}"  # Gaussian rows
 
 
 def test_mse_ranges_keep_constant_partitions_exact_and_clamp_the_rest() -> None:
@@ -246,7 +252,7 @@ def test_key_bits_size_k_codes_and_cut_the_attention_error() -> None:
     widths = [{f.name: f.width for f in KVLayout(c, 3, 64).page_fields()} for c in (two, four)]
     assert widths[1]["k_codes"] == 2 * widths[0]["k_codes"] and widths[1]["v_codes"] == widths[0]["v_codes"]
     assert "key_bits=4" in four.wire_identity and "key_bits" not in two.wire_identity
-    assert ops.kernel_gap(four, 64) and ops.kernel_gap(two, 64) is None
+    assert ops.kernel_gap(four, 64) is None  # every kernel reads K at its own width
     with pytest.raises(ValueError, match="key_bits"):
         KVConfig(key_bits=3)
     generator = torch.Generator().manual_seed(0)

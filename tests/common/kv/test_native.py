@@ -1,8 +1,9 @@
 """native.py's compiled decode kernels against reference.py, and what happens where they cannot be built.
 
 The cases keep tokens on the pages (window 0 or 16): 1, 17, 130 and 200-token sequences (partial pages, partial
-token groups, a sequence with no filled page), GQA 3:1, 4:1 and 1:1, head_dim 16/64/128, 2/4/8 bits, sinks 0/4,
-pages of two partitions, sums stored or not; poisoned pools and garbage block-table padding (compressed_args).
+token groups, a sequence with no filled page), GQA 3:1, 4:1 and 1:1, head_dim 16/64/128, 2/4/8 bits, K codes of
+their own width (key_bits 4 and 8 over 2-bit V), sinks 0/4, pages of two partitions, sums stored or not;
+poisoned pools and garbage block-table padding (compressed_args).
 """
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ CASES = [
     pytest.param(KVConfig(partition=32, bits=8, window=0), 1, 4, 16, [130, 17, 1], id="gqa4-d16-8bit"),
     pytest.param(KVConfig(partition=32, block_size=64, window=0), 3, 1, 16, [17, 130, 1],
                  id="gqa1-d16-pages-of-two-groups"),
+    pytest.param(KVConfig(key_bits=4, window=16), 2, 3, 64, [300, 17, 1, 150], id="k4-v2-gqa3-d64"),
+    pytest.param(KVConfig(partition=64, key_bits=4, window=0), 1, 3, 128, [130, 1, 17], id="k4-v2-gqa3-d128"),
+    pytest.param(KVConfig(partition=32, key_bits=8, num_sinks=0, window=0), 3, 1, 16, [17, 1, 70],
+                 id="k8-v2-gqa1-d16-portable-loops"),
 ]
 
 
@@ -49,6 +54,19 @@ def test_native_attention_matches_reference(config, num_kv_heads, group, head_di
     assert all(torch.equal(a, b) for a, b in zip(args[:5], before)), "the op wrote into its inputs"
     assert out.shape == args[0].shape and out.dtype == args[0].dtype
     assert_attention_close(out, reference.hack_attention(*args), HACK)
+
+
+@needs_native
+def test_vnni_paths_by_code_width():
+    """q·k reads 2- and 4-bit codes with VNNI, P·V 2-bit codes; 8-bit codes and head_dim 16 take the portable
+    loops (where the CPU has no VNNI, everything does)."""
+    def paths(bits: int, head_dim: int) -> tuple[bool, bool]:
+        return native.uses_vnni(native.Geometry(3, head_dim, bits, 128, min(64, head_dim), 256, 3, 4))
+
+    vnni = paths(2, 64)[0]
+    assert paths(2, 64) == (vnni, vnni)
+    assert paths(4, 128) == (vnni, False)
+    assert paths(8, 64) == (False, False) and paths(2, 16) == (False, False)
 
 
 @needs_native

@@ -31,6 +31,10 @@ CASES = [
                  id="gqa3-window-2splits"),  # the default format's 16-bit window: a tail of Π + 40 rows
     pytest.param(KVConfig(partition=32, num_sinks=1, window=40, rotate=False, requant_elimination=False), 1, 3, 32,
                  [1, 17, 130], 1, id="gqa3-window-requant"),
+    pytest.param(KVConfig(partition=32, num_sinks=2, window=40, rotate=False, key_bits=4), 1, 3, 32, [1, 17, 130], 2,
+                 id="gqa3-k4-v2-window"),  # K codes of their own width
+    pytest.param(KVConfig(**PAPER_SETTING, partition=32, key_axis="token", key_bits=8, num_sinks=0), 1, 3, 32,
+                 [17, 1, 70], None, id="gqa3-token-k8-v2"),
 ]
 
 

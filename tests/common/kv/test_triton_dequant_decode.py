@@ -21,6 +21,8 @@ CASES = [
                  [1, 17, 130], None, id="gqa8-channel-4bit-requant"),
     pytest.param(KVConfig(partition=32, num_sinks=2, window=40, rotate=False), 1, 3, 32, [1, 17, 130], 2,
                  id="gqa3-window-2splits"),
+    pytest.param(KVConfig(partition=32, num_sinks=2, window=40, rotate=False, key_bits=4), 1, 3, 32, [1, 17, 130], 2,
+                 id="gqa3-k4-v2-window"),
 ]
 
 

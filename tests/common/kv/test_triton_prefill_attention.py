@@ -29,6 +29,8 @@ CASES = [
                  [1, 17, 130], [1, 17, 3], id="gqa8-8bit-ablations-chunked"),
     pytest.param(KVConfig(partition=32, num_sinks=2, window=40, rotate=False), 1, 3, 32, [1, 17, 130], [1, 17, 50],
                  id="gqa3-window-chunked"),  # the default format's 16-bit window: a tail of Π + 40 rows
+    pytest.param(KVConfig(partition=32, num_sinks=2, window=40, rotate=False, key_bits=4), 1, 3, 32, [1, 17, 130],
+                 [1, 17, 50], id="gqa3-k4-v2-window-chunked"),
 ]
 
 

@@ -27,6 +27,10 @@ CASES = [
     pytest.param(KVConfig(**PAPER_SETTING, partition=64, bits=8, key_axis="token", num_sinks=1, sum_elimination=False, block_size=128),
                  4, 64,
                  [[1, 65, 130], [64, 1, 63]], torch.float16, id="8bit-no-sums"),
+    pytest.param(KVConfig(**PAPER_SETTING, partition=32, key_bits=4, num_sinks=4), 1, 32,
+                 [[3, 17, 70], [1, 1, 1]], torch.float32, id="channel-axis-k4-v2"),
+    pytest.param(KVConfig(**PAPER_SETTING, partition=32, key_axis="token", key_bits=8, num_sinks=0), 2, 32,
+                 [[1, 17, 40], [33, 1, 1]], torch.float32, id="token-axis-k8-v2"),
 ]
 
 
