@@ -133,8 +133,8 @@ def read_keys(cache: Cache, seq_lens: torch.Tensor, block_tables: torch.Tensor, 
 
 def read_pages(cache: Cache, pages: torch.Tensor, n_paged: torch.Tensor, config: KVConfig,
                layout: str) -> dict[str, torch.Tensor]:
-    """The codes and parameters of the pages [B, np] as fp32, channels in `channel_order` ("order" and "inverse"
-    entries), BH = B*Hkv, g = token groups, L = g*Π:
+    """The codes and parameters of the pages [B, np] as fp32, channels in `channel_order` of their codes' width
+    (K's "order" for the queries, V's "inverse" for the outputs), BH = B*Hkv, g = token groups, L = g*Π:
       both layouts  v      [BH, L, D]   V's codes times their per-channel scale (exact in fp32); dequant adds
                                         the minimum (the dequantized V)
                     v_min  [BH, g, D],  sv_sums [BH, g, D] = V's scale times its code sums
@@ -144,28 +144,28 @@ def read_pages(cache: Cache, pages: torch.Tensor, n_paged: torch.Tensor, config:
     Unstored groups get zero parameters (a stale NaN would poison the sums). Only packed bytes and per-group
     parameters are gathered from the pool."""
     batch, num_pages = pages.shape
-    pi, bs, bits = config.partition, config.block_size, config.bits
+    pi, bs, bits, k_bits = config.partition, config.block_size, config.bits, config.k_bits
     heads, head_dim = cache["tail_k"].shape[1], cache["tail_k"].shape[-1]
     groups, pd = num_pages * bs // pi, config.head_partition(head_dim)
     parts = head_dim // pd
-    order, inverse = channel_order(head_dim, bits, parts)
+    orders = {"k": channel_order(head_dim, k_bits, parts), "v": channel_order(head_dim, bits, parts)}
     stored = torch.arange(groups * pi).view(groups, pi)[None] < n_paged[:, None, None]  # [B, g, Π]
     group_stored = stored[:, :, 0]  # [B, g]
     params = {}
     for name in ("k_scale", "k_min", "v_scale", "v_min") + (("v_sums",) if config.sum_elimination else ()):
-        rows = cache[name][pages].index_select(-1, order).float()  # [B, np, Hkv, bs/Π, D]
+        rows = cache[name][pages].index_select(-1, orders[name[0]][0]).float()  # [B, np, Hkv, bs/Π, D]
         rows = rows.transpose(1, 2).contiguous().view(batch, heads, groups, head_dim)
         params[name] = rows.masked_fill_(~group_stored[:, None, :, None], 0).view(batch * heads, groups, head_dim)
     # the only per-token gathers, 2 bits a value; the packed rows are put in the order the products read
     k_packed = cache["k_codes"][pages]  # [B, np, Hkv, bs, W]
     width = k_packed.shape[-1]
     k_packed = k_packed.view(batch, num_pages, heads, bs // pi, pi, parts, width // parts).permute(1, 3, 0, 2, 5, 4, 6)
-    k_codes = unpack_bytes(k_packed, bits, 1).view(groups, batch, heads, parts, pi, pd)  # K per partition
+    k_codes = unpack_bytes(k_packed, k_bits, 1).view(groups, batch, heads, parts, pi, pd)  # K per partition
     v_codes = unpack_bytes(cache["v_codes"][pages].transpose(1, 2), bits, parts)  # [B, Hkv, np, bs, D]
     v_codes = v_codes.view(batch, heads, groups, pi, head_dim)
     if not config.sum_elimination and not bool(stored.all()):
         v_codes = v_codes.masked_fill(~stored[:, None, :, :, None], 0)
-    out = {"order": order, "inverse": inverse, "v_min": params["v_min"]}
+    out = {"order": orders["k"][0], "inverse": orders["v"][1], "v_min": params["v_min"]}
     out["v"] = _scale_groups(v_codes, params["v_scale"], params["v_min"] if layout == "dequant" else None)
     v_sums = params["v_sums"] if config.sum_elimination else \
         v_codes.sum(3, dtype=torch.float32).view(batch * heads, groups, head_dim)
@@ -340,22 +340,17 @@ def dequant_attention(q: torch.Tensor, cu_q: torch.Tensor, seq_lens: torch.Tenso
     return _attention(attend, "dequant", q, cu_q, seq_lens, block_tables, state_slots, cache, config)
 
 
-def _channel_pages(config: KVConfig, head_dim: int) -> bool:
-    """The layout every op of this module reads: the channel key axis, whole token groups per page."""
-    return config.key_axis == "channel" and config.block_size % config.partition == 0 and head_dim > 0
-
-
 def fast_path(config: KVConfig, head_dim: int) -> bool:
-    """Whether the torch ops of this module serve the configuration (else torch_fast.py does): the channel key
-    axis, K and V codes of one width (read_pages unpacks both in one channel order)."""
-    return _channel_pages(config, head_dim) and config.k_bits == config.bits
+    """Whether these ops serve the configuration (else torch_fast.py does): the channel key axis, whole token
+    groups per page."""
+    return config.key_axis == "channel" and config.block_size % config.partition == 0 and head_dim > 0
 
 
 def native_ok(config: KVConfig, head_dim: int) -> bool:
     """Whether hack attention runs the compiled paged products (native.py): built here, the channel key axis,
     and K's and V's codes whole bytes per head_dim partition (each product reads its own width)."""
     pd = config.head_partition(head_dim)
-    return (_channel_pages(config, head_dim) and all(pd % (8 // bits) == 0 for bits in (config.k_bits, config.bits))
+    return (fast_path(config, head_dim) and all(pd % (8 // bits) == 0 for bits in (config.k_bits, config.bits))
             and native.library() is not None)
 
 

@@ -2,7 +2,7 @@
 
 Odd shapes throughout: 1, 17 and 130-token sequences (partial pages and partial token groups, a sequence with
 no filled page), one-token decodes, chunks and whole prompts, GQA 3:1, 4:1 and 1:1, head_dim 16/64/128,
-2/4/8 bits, sinks 0/4, pages of two partitions, both ablations off; poisoned pages and garbage block-table
+2/4/8 bits, K codes of their own width (key_bits 4/8 over 2-bit V), sinks 0/4, pages of two partitions, both ablations off; poisoned pages and garbage block-table
 padding (a read of anything unwritten shows); prefill in many small query blocks; the routing through
 ops.dispatch.
 """
@@ -35,8 +35,12 @@ CASES = [
     pytest.param(KVConfig(partition=32, bits=8, requant_elimination=False), 1, 4, 16, [130, 17, 1],
                  id="gqa4-d16-8bit-requant"),
     pytest.param(KVConfig(partition=32, block_size=64), 3, 1, 16, [17, 130, 1], id="gqa1-d16-pages-of-two-groups"),
+    pytest.param(KVConfig(partition=32, key_bits=4), 1, 3, 64, [17, 130, 1], id="gqa3-d64-k4-v2"),
+    pytest.param(KVConfig(partition=64, key_bits=8, num_sinks=0), 2, 3, 128, [130, 1, 17], id="gqa3-d128-k8-v2"),
 ]
-OPS = [pytest.param("hack_attention", HACK, id="hack"), pytest.param("dequant_attention", FP32, id="dequant")]
+# hack attention runs the C products where they build (test_native.py); "hack-torch" checks its torch ops too
+OPS = [pytest.param("hack_attention", HACK, id="hack"), pytest.param("hack_attention-torch", HACK, id="hack-torch"),
+       pytest.param("dequant_attention", FP32, id="dequant")]
 FORWARDS = {
     "decode": lambda lens: [1] * len(lens),
     "chunks": new_token_counts,
@@ -47,11 +51,21 @@ FORWARDS = {
 @pytest.mark.parametrize("op, tolerance", OPS)
 @pytest.mark.parametrize("config, num_kv_heads, group, head_dim, seq_lens", CASES)
 @pytest.mark.parametrize("forward", sorted(FORWARDS))
-def test_attention_matches_reference(op, tolerance, config, num_kv_heads, group, head_dim, seq_lens, forward):
+def test_attention_matches_reference(monkeypatch, op, tolerance, config, num_kv_heads, group, head_dim, seq_lens,
+                                     forward):
+    fast, expected = _ops(monkeypatch, op)
     args = compressed_args(config, num_kv_heads, group, head_dim, seq_lens, FORWARDS[forward](seq_lens))
-    out = getattr(cpu_ops, op)(*args)
+    out = fast(*args)
     assert out.shape == args[0].shape and out.dtype == args[0].dtype
-    assert_attention_close(out, getattr(reference, op)(*args), tolerance)
+    assert_attention_close(out, expected(*args), tolerance)
+
+
+def _ops(monkeypatch, op: str):
+    """(cpu_ops' op, the reference's) for an OPS name; "-torch" keeps hack attention off the C products."""
+    name = op.removesuffix("-torch")
+    if op.endswith("-torch"):
+        monkeypatch.setattr(cpu_ops, "native_ok", lambda *_: False)
+    return getattr(cpu_ops, name), getattr(reference, name)
 
 
 @pytest.mark.parametrize("op, tolerance", OPS)
@@ -61,9 +75,10 @@ def test_small_blocks_and_chunks_match_reference(monkeypatch, op, tolerance):
     monkeypatch.setattr(cpu_ops, "BLOCK_ELEMENTS", 1)
     monkeypatch.setattr(cpu_ops, "CHUNK_CODES", 1)
     seq_lens = [130, 1, 17, 64]
+    fast, expected = _ops(monkeypatch, op)
     for counts in (new_token_counts(seq_lens), [1] * 4):
         args = compressed_args(KVConfig(partition=32, num_sinks=4), 1, 3, 64, seq_lens, counts)
-        assert_attention_close(getattr(cpu_ops, op)(*args), getattr(reference, op)(*args), tolerance)
+        assert_attention_close(fast(*args), expected(*args), tolerance)
 
 
 def test_hack_path_never_dequantizes(monkeypatch):
