@@ -37,12 +37,15 @@ LLAMA3_8B = {"num_layers": 32, "num_kv_heads": 8, "head_dim": 128}  # its 32 que
 KINDS = ("heldout", "tune", "agreement", "tune_agreement", "attention_error", "stress", "layers", "heldout_long",
          "tune_long")
 BYTES_AT = 4096  # prompt tokens at which the byte shares are stated (the issue's acceptance point)
-PAPER = KVConfig(mode="hack", bits=2, partition=64, ranges="minmax", rotate=False, window=0)  # HACK's setting
+PAPER = KVConfig(mode="hack", bits=2, partition=64, ranges="minmax", rotate=False, window=0,
+                 token_scales=False)  # HACK's setting
 PREVIOUS = dataclasses.replace(PAPER, ranges="mse", rotate=True, window=128)  # the defaults before Π=128
 ACCURATE = dataclasses.replace(PREVIOUS, partition=128, block_size=0, window=192)  # the defaults
 SHORTER_WINDOW = dataclasses.replace(ACCURATE, window=160)  # the defaults before the 2,048-token contexts were measured
 FINER = dataclasses.replace(PREVIOUS, window=160)  # Π=64 at the defaults' memory: the runner-up
 KEYS4 = dataclasses.replace(ACCURATE, key_bits=4)  # 4-bit keys, 2-bit values: what long contexts need
+SCALED = dataclasses.replace(ACCURATE, token_scales=True)  # a power of two per token and head before quantizing
+LATER_OPTIONS = {"token_scales": False}  # options added after rows were measured, and their value back then
 LAYERS = dataclasses.replace(ACCURATE, mode="dequant")  # the defaults' storage, layer by layer (simulated)
 
 
@@ -56,7 +59,8 @@ def sweep_configs() -> list[KVConfig]:
     one_at_a_time = [dataclasses.replace(PAPER, **change) for change in
                      ({"ranges": "mse"}, {"rotate": True}, {"window": 128})]
     combined = [dataclasses.replace(PAPER, ranges="mse", rotate=True),
-                dataclasses.replace(PAPER, ranges="mse", window=128), PREVIOUS, FINER, SHORTER_WINDOW, ACCURATE, KEYS4]
+                dataclasses.replace(PAPER, ranges="mse", window=128), PREVIOUS, FINER, SHORTER_WINDOW, ACCURATE, KEYS4,
+                SCALED]
     return [KVConfig(mode="fp16"), PAPER, dataclasses.replace(PAPER, mode="dequant"),
             dataclasses.replace(PAPER, bits=4), *one_at_a_time, *combined, dataclasses.replace(ACCURATE, mode="dequant")]
 
@@ -71,7 +75,7 @@ def agreement_configs() -> list[KVConfig]:
 def long_configs() -> list[KVConfig]:
     """Perplexity with 2,048-token contexts, where most of what a token reads is in codes: fp16, the defaults and
     the window/partition choices around them (on both texts), the paper's setting and 4 bits (held-out only)."""
-    return [KVConfig(mode="fp16"), ACCURATE, SHORTER_WINDOW, PREVIOUS, FINER, KEYS4]
+    return [KVConfig(mode="fp16"), ACCURATE, SHORTER_WINDOW, PREVIOUS, FINER, KEYS4, SCALED]
 
 
 def heldout_long_configs() -> list[KVConfig]:
@@ -103,8 +107,13 @@ def stress_configs() -> list[KVConfig]:
 
 def config_key(config: KVConfig) -> str:
     """The full configuration, or only the mode for fp16, whose result no compressed-storage option changes (so a
-    change of those defaults keeps its rows)."""
-    return json.dumps(dataclasses.asdict(config) if config.compressed else {"mode": config.mode}, sort_keys=True)
+    change of those defaults keeps its rows). An option added later is left out at the value every earlier row
+    had (LATER_OPTIONS), so those rows keep their keys."""
+    if not config.compressed:
+        return json.dumps({"mode": config.mode})
+    fields = {name: value for name, value in dataclasses.asdict(config).items()
+              if name not in LATER_OPTIONS or value != LATER_OPTIONS[name]}
+    return json.dumps(fields, sort_keys=True)
 
 
 class ResultLog:
@@ -381,7 +390,7 @@ def bytes_table(tokens: int = BYTES_AT) -> str:
     layers, heads, head_dim = LLAMA3_8B["num_layers"], LLAMA3_8B["num_kv_heads"], LLAMA3_8B["head_dim"]
     lines = ["| flags | memory MiB | wire MiB | memory % fp16 | wire % fp16 |", "|---|---|---|---|---|"]
     configs = [KVConfig(mode="fp16"), PAPER, *(dataclasses.replace(PAPER, window=w) for w in (64, 128)),
-               PREVIOUS, FINER, SHORTER_WINDOW, ACCURATE, KEYS4, dataclasses.replace(PAPER, bits=4)]
+               PREVIOUS, FINER, SHORTER_WINDOW, ACCURATE, KEYS4, SCALED, dataclasses.replace(PAPER, bits=4)]
     for config in configs:
         layout = KVLayout(config, heads, head_dim)
         memory, wire = layout.memory_bytes(tokens, layers), layout.wire_bytes(tokens, layers)

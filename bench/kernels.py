@@ -321,7 +321,8 @@ def report_header(setup: Setup, bandwidth: float, command: str) -> list[str]:
     lines = [f"{device_name(device)}; HACK and dequant run {implementation(device)}, SDPA "
              f"{str(setup.dtype).removeprefix('torch.')} K/V. Copy bandwidth {bandwidth / 1e9:,.0f} GB/s. Llama-3-8B "
              f"attention ({NUM_HEADS} query heads, {NUM_KV_HEADS} KV heads, head_dim {HEAD_DIM}), one layer; KV "
-             f"{cfg.bits}-bit{f' (K {cfg.k_bits}-bit)' if cfg.k_bits != cfg.bits else ''}, partition {cfg.partition}, key axis {cfg.key_axis}, {cfg.num_sinks} sinks, pages of "
+             f"{cfg.bits}-bit{f' (K {cfg.k_bits}-bit)' if cfg.k_bits != cfg.bits else ''}"
+             f"{', token scales' if cfg.token_scales else ''}, partition {cfg.partition}, key axis {cfg.key_axis}, {cfg.num_sinks} sinks, pages of "
              f"{cfg.block_size} tokens. Median of {setup.reps} ({clock_name()}). Command: `{command}`."]
     if device.type != "cuda":
         lines.append(f"No GPU: these rows time {implementation(device)}, not the Triton kernels; the GPU table "
@@ -340,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--partition", type=int, default=64)
     parser.add_argument("--key-bits", type=int, default=0, choices=(0, 2, 4, 8),
                         help="K codes of their own width (KVConfig.key_bits; 0: V's 2 bits)")
+    parser.add_argument("--token-scales", action=argparse.BooleanOptionalAction, default=KVConfig.token_scales,
+                        help="a power of two per token and head (KVConfig.token_scales; default %(default)s)")
     parser.add_argument("--block-size", type=int, default=0, help="tokens per page (0: the partition)")
     parser.add_argument("--max-fp16-gib", type=float, default=24.0, help="skip decode cases whose SDPA K/V is larger")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
@@ -356,7 +359,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     reps = args.reps or (50 if device.type == "cuda" else 5)
     setup = Setup(device, torch.float16 if device.type == "cuda" else torch.float32,
-                  KVConfig(partition=args.partition, block_size=args.block_size, key_bits=args.key_bits), reps, args.max_fp16_gib)
+                  KVConfig(partition=args.partition, block_size=args.block_size, key_bits=args.key_bits,
+                           token_scales=args.token_scales), reps, args.max_fp16_gib)
     table = sys.stderr if args.json else sys.stdout
     command = "python -m bench.kernels " + " ".join(sys.argv[1:] if argv is None else argv)
     bandwidth = copy_bandwidth(device, reps)

@@ -62,6 +62,11 @@ class KVConfig:
     # K and V rotated per KV head by a seeded randomized Hadamard matrix before they are stored (QuaRot/QuIP#):
     # q·k and P·V are unchanged (q is rotated alike, the output rotated back), outliers spread over channels
     rotate: bool = True
+    # each quantized token's K and V rows divided by a power of two near their largest magnitude before the
+    # per-channel quantization, the exponent stored (one int8 per token and head, format.py): tokens of small
+    # magnitude keep their own resolution instead of the group's largest token's. Homomorphic: a token's score is
+    # multiplied by its K scale, a probability by its V scale before P·V (docs/accuracy.md)
+    token_scales: bool = False
     sum_elimination: bool = True  # store per-partition code sums instead of recomputing them at every attention
     requant_elimination: bool = True  # keep the open partition 16-bit instead of requantizing it every step
     quantized_prefill: bool = True  # prefill attends to the stored (compressed) K/V, not the original float K/V
@@ -95,8 +100,9 @@ class KVConfig:
             return "fp16"
         rotation = f"rotate(seed={self.seed})" if self.rotate else "no-rotate"
         key_bits = f" key_bits={self.k_bits}" if self.k_bits != self.bits else ""
+        token_scales = " token_scales" if self.token_scales else ""
         return (f"bits={self.bits}{key_bits} partition={self.partition} key_axis={self.key_axis} sinks={self.num_sinks} "
-                f"window={self.window} requant_elimination={self.requant_elimination} {rotation}")
+                f"window={self.window} requant_elimination={self.requant_elimination} {rotation}{token_scales}")
 
     @property
     def k_bits(self) -> int:

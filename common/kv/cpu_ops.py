@@ -122,13 +122,22 @@ def read_keys(cache: Cache, seq_lens: torch.Tensor, block_tables: torch.Tensor, 
     sink_k, sink_v, _ = torch_fast.read_state(cache, "sink", state_slots, n_sinks)
     tail_k, tail_v, _ = torch_fast.read_state(cache, "tail", state_slots, n_tail)
     filled = -(-int(n_paged.max()) // config.block_size)
+    page_ids = torch_fast.page_ids(block_tables[:, :filled], n_paged, config.block_size)
     if layout == "native":  # the C products read the pages in place
-        pages = {"tables": block_tables.to(torch.int32).contiguous()}
+        pages = {"tables": block_tables.to(torch.int32).contiguous()} | token_scales(cache, page_ids, n_paged, config)
     else:
-        pages = read_pages(cache, torch_fast.page_ids(block_tables[:, :filled], n_paged, config.block_size),
-                           n_paged, config, layout)
+        pages = read_pages(cache, page_ids, n_paged, config, layout)
     groups = filled * config.block_size // config.partition
     return Keys(sink_k, sink_v, tail_k, tail_v, pages, n_sinks, n_paged, n_tail, groups, config.partition)
+
+
+def token_scales(cache: Cache, pages: torch.Tensor, n_paged: torch.Tensor,
+                 config: KVConfig) -> dict[str, torch.Tensor]:
+    """With config.token_scales, "k_factor" and "v_factor": fp32 [BH, L] 2^e of each paged token (format.py):
+    the paged scores are multiplied by K's, the paged probabilities by V's before P·V. Else empty."""
+    if not config.token_scales:
+        return {}
+    return {f"{part}_factor": torch_fast.paged_token_factors(cache, f"{part}_exp", pages, n_paged) for part in "kv"}
 
 
 def read_pages(cache: Cache, pages: torch.Tensor, n_paged: torch.Tensor, config: KVConfig,
@@ -141,8 +150,8 @@ def read_pages(cache: Cache, pages: torch.Tensor, n_paged: torch.Tensor, config:
       "hack"        k      [g, BH, P, Π, Πd] K's codes per head_dim partition, k_scale/k_min [g, BH, D],
                     k_sums [g, BH, P, Π]
       "dequant"     k      [BH, L, D]   the dequantized K
-    Unstored groups get zero parameters (a stale NaN would poison the sums). Only packed bytes and per-group
-    parameters are gathered from the pool."""
+    and `token_scales` (the dequant layout folds them into k and v). Unstored groups get zero parameters (a stale
+    NaN would poison the sums). Only packed bytes and per-group parameters are gathered from the pool."""
     batch, num_pages = pages.shape
     pi, bs, bits, k_bits = config.partition, config.block_size, config.bits, config.k_bits
     heads, head_dim = cache["tail_k"].shape[1], cache["tail_k"].shape[-1]
@@ -166,6 +175,7 @@ def read_pages(cache: Cache, pages: torch.Tensor, n_paged: torch.Tensor, config:
     if not config.sum_elimination and not bool(stored.all()):
         v_codes = v_codes.masked_fill(~stored[:, None, :, :, None], 0)
     out = {"order": orders["k"][0], "inverse": orders["v"][1], "v_min": params["v_min"]}
+    out |= token_scales(cache, pages, n_paged, config)
     out["v"] = _scale_groups(v_codes, params["v_scale"], params["v_min"] if layout == "dequant" else None)
     v_sums = params["v_sums"] if config.sum_elimination else \
         v_codes.sum(3, dtype=torch.float32).view(batch * heads, groups, head_dim)
@@ -173,6 +183,9 @@ def read_pages(cache: Cache, pages: torch.Tensor, n_paged: torch.Tensor, config:
     if layout == "dequant":
         k_tokens = k_codes.permute(1, 2, 0, 4, 3, 5).reshape(batch, heads, groups, pi, head_dim)
         out["k"] = _scale_groups(k_tokens, params["k_scale"], params["k_min"])
+        if config.token_scales:
+            out["k"].mul_(out.pop("k_factor").unsqueeze(-1))
+            out["v"].mul_(out.pop("v_factor").unsqueeze(-1))
         return out
     k = out["k"] = k_codes.reshape(groups, batch * heads, parts, pi, pd).float()  # copies if not adjacent
     out["k_scale"], out["k_min"] = (params[name].transpose(0, 1).contiguous() for name in ("k_scale", "k_min"))
@@ -242,6 +255,7 @@ def hack_scores(qh: torch.Tensor, pages: dict[str, torch.Tensor], groups: int, o
     sums = torch.cat([pages["k_sums"][:groups], torch.ones_like(pages["k_sums"][:groups, :, :1])], dim=2)
     scores = scores.view(-1, rows, pi).baddbmm_(corrections.view(-1, rows, parts + 1), sums.view(-1, parts + 1, pi))
     out.view(bh, rows, groups, pi).copy_(scores.view(groups, bh, rows, pi).permute(1, 2, 0, 3))
+    scale_paged_(out, pages, "k_factor")
 
 
 def hack_pv(p: torch.Tensor, pages: dict[str, torch.Tensor], groups: int) -> torch.Tensor:
@@ -252,11 +266,19 @@ def hack_pv(p: torch.Tensor, pages: dict[str, torch.Tensor], groups: int) -> tor
     bh, rows, length = p.shape
     pi = length // groups if groups else 1
     codes = p.reshape(bh, rows, groups, pi).clone()
+    scale_paged_(codes.view(bh, rows, length), pages, "v_factor")
     codes, scale, minimum = quantize_u8_(codes)  # scale, minimum [BH, R, g]
     p_hat_sums = torch.addcmul(pi * minimum, scale, codes.sum(-1))  # Σ_t of the dequantized P per group
     out = torch.bmm(codes.mul_(scale.unsqueeze(-1)).view(bh, rows, length), pages["v"][:, :length])
     out.baddbmm_(minimum, pages["sv_sums"][:, :groups]).baddbmm_(p_hat_sums, pages["v_min"][:, :groups])
     return out.index_select(-1, pages["inverse"])
+
+
+def scale_paged_(x: torch.Tensor, pages: dict[str, torch.Tensor], factor: str) -> None:
+    """x [BH, R, L'] (paged scores or probabilities, L' <= L) times each token's 2^e, in place, where the pages
+    carry token scales (`token_scales`)."""
+    if factor in pages:
+        x.mul_(pages[factor][:, None, : x.shape[-1]])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -369,15 +391,19 @@ def _native_hack_decode(q: torch.Tensor, seq_lens: torch.Tensor, block_tables: t
     sinks, paged, tail = sink_k.shape[1], int(n_paged.max()), tail_k.shape[1]
     k_geometry, v_geometry = (_geometry(cache, block_tables, config, rows, head_dim, bits)
                               for bits in (config.k_bits, config.bits))
+    pages = token_scales(cache, torch_fast.page_ids(block_tables[:, : -(-paged // config.block_size)], n_paged,
+                                                    config.block_size), n_paged, config)
     tables, n_paged = block_tables.to(torch.int32).contiguous(), n_paged.contiguous()
     scores = qh.new_empty((qh.shape[0], rows, sinks + paged + tail))
     torch.bmm(qh, sink_k.mT, out=scores[:, :, :sinks])
     native.hack_paged_scores(k_geometry, cache, tables, n_paged, qh, scores[:, :, sinks : sinks + paged])
+    scale_paged_(scores[:, :, sinks : sinks + paged], pages, "k_factor")
     torch.bmm(qh, tail_k.mT, out=scores[:, :, sinks + paged :])
     valid = torch.cat([torch.arange(n)[None] < count[:, None]
                        for n, count in ((sinks, n_sinks), (paged, n_paged), (tail, n_tail))], dim=1)  # [B, L]
     scores.view(batch, heads, rows, -1).masked_fill_(~valid[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
+    scale_paged_(probs[:, :, sinks : sinks + paged], pages, "v_factor")
     out = native.hack_paged_pv(v_geometry, cache, tables, n_paged, probs[:, :, sinks : sinks + paged])
     out.baddbmm_(probs[:, :, :sinks], sink_v).baddbmm_(probs[:, :, sinks + paged :], tail_v)
     return _ungroup_heads(out, batch, 1)[:, 0].to(q.dtype)
@@ -399,10 +425,15 @@ def _native_attend(cache: Cache, config: KVConfig, softmax_scale: float) -> "Att
         visible = keys.n_paged.clamp(max=groups * keys.partition).contiguous()
         k_geometry, v_geometry = (_geometry(cache, table, config, qh.shape[1], qh.shape[-1], bits)
                                   for bits in (config.k_bits, config.bits))
-        return attend_rows(qh, row_pos, keys, groups, softmax_scale,
-                           lambda rows, _, out: native.hack_paged_scores(k_geometry, cache, table, visible,
-                                                                         rows.contiguous(), out),
-                           lambda p, _: native.hack_paged_pv(v_geometry, cache, table, visible, p))
+        def scores(rows: torch.Tensor, _: int, out: torch.Tensor) -> None:
+            native.hack_paged_scores(k_geometry, cache, table, visible, rows.contiguous(), out)
+            scale_paged_(out, keys.pages, "k_factor")
+
+        def output(p: torch.Tensor, _: int) -> torch.Tensor:
+            scale_paged_(p, keys.pages, "v_factor")  # p: columns of the probabilities, read once
+            return native.hack_paged_pv(v_geometry, cache, table, visible, p)
+
+        return attend_rows(qh, row_pos, keys, groups, softmax_scale, scores, output)
 
     return attend
 

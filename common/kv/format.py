@@ -24,7 +24,15 @@ Per layer pool tensors, `nb` pages; a page holds bs tokens of one layer for all 
         k_sums        int16 [nb, Hkv, bs, D/Πd]    per token, per Πd-partition sum of K codes (both axes)
         v_scale/v_min fp16  [nb, Hkv, bs/Π, D]     V per channel over groups of Π tokens
         v_sums        int16 [nb, Hkv, bs/Π, D]     per channel, per token-group sum of V codes
+        k_exp, v_exp  int8  [nb, Hkv, bs, 1]       config.token_scales only: per token, the exponent e of the
+                                                   power of two its row was divided by before quantization
+                                                   (`token_exponents`); the stored row is 2^e * (s*q + m)
     The *_sums tensors exist only with sum_elimination (else attention recomputes them from the codes).
+Token scales (config.token_scales): e = round(log2(max |x|)) over the token's row of one KV head (0 for a zero
+row), so the scaled row x / 2^e has its largest magnitude in [2^-0.5, 2^0.5); scaling by a power of two is exact.
+Per-channel groups of Π tokens then quantize rows of equal magnitude: a small token keeps its own resolution
+instead of the group's largest token's. Attention stays on the codes: token t's score is 2^e_t times the score
+of its scaled row (q·k_t = 2^e_t q·k'_t), and P·V = (P diag(2^e))·V', P scaled before it is quantized.
 Per sequence state (compressed modes), indexed by the sequence's state slot, fp16 (KVLayout.float_dtype):
     sink_k, sink_v  [max_seqs, Hkv, num_sinks, D]  the first num_sinks tokens, never quantized
     tail_k, tail_v  [max_seqs, Hkv, Π + W, D]      the tail: the W = config.window most recent tokens (a KIVI-style
@@ -303,6 +311,8 @@ class KVLayout:
             PageField("v_scale", STORAGE_DTYPE, pi, d),
             PageField("v_min", STORAGE_DTYPE, pi, d),
         ]
+        if cfg.token_scales:
+            fields += [PageField("k_exp", torch.int8, 1, 1), PageField("v_exp", torch.int8, 1, 1)]
         if cfg.sum_elimination if with_sums is None else with_sums:
             fields += [PageField("k_sums", torch.int16, 1, d // pd), PageField("v_sums", torch.int16, pi, d)]
         return fields
@@ -377,6 +387,9 @@ def quantize_tokens(
     pi, bits, k_bits, d = config.partition, config.bits, config.k_bits, k.shape[-1]
     pd = config.head_partition(d)
     rows: dict[str, torch.Tensor] = {}
+    if config.token_scales:
+        rows["k_exp"], rows["v_exp"] = token_exponents(k), token_exponents(v)
+        k, v = torch.ldexp(k.float(), -rows["k_exp"].float()), torch.ldexp(v.float(), -rows["v_exp"].float())
     if config.key_axis == "token":
         kq = quantize(k.unflatten(-1, (-1, pd)), k_bits, config.rounding, generator, ranges=config.ranges)
         k_codes = kq.codes.flatten(-2)
@@ -390,6 +403,21 @@ def quantize_tokens(
         rows["k_sums"] = code_sums(k_codes, pd)
         rows["v_sums"] = _group_sums(vq.codes, pi)
     return rows
+
+
+EXPONENT_RANGE = (-100, 100)  # token exponents stay where fp32 scaling is exact (and within int8)
+
+
+def token_exponents(x: torch.Tensor) -> torch.Tensor:
+    """int8 [..., n, 1]: per row of x [..., n, D], round(log2(max |x|)), 0 for a zero row (module doc)."""
+    peak = x.detach().abs().amax(-1, keepdim=True).float()
+    exponent = torch.where(peak > 0, torch.log2(peak).round(), torch.zeros_like(peak))
+    return exponent.clamp(*EXPONENT_RANGE).to(torch.int8)
+
+
+def token_factors(exponents: torch.Tensor) -> torch.Tensor:
+    """fp32 2^e of stored exponents (int8 [..., n, 1])."""
+    return torch.ldexp(torch.ones_like(exponents, dtype=torch.float32), exponents.float())
 
 
 def _quantize_token_groups(

@@ -14,7 +14,7 @@ op keeps the signature of its torch reference in reference.py. Routing:
     same Triton kernels run in Triton's interpreter (how the tests check them without a GPU). CUDA tensors run
     torch_fast.py's fp16-mode ops (the uncompressed baseline has no kernel).
   * What the kernels do not implement (head_dim not a power of two >= 8; in the append only: stochastic
-    rounding, clipped ranges, a 16-bit recent window) falls back to the vectorized torch ops of torch_fast.py
+    rounding, clipped ranges, a 16-bit recent window, token scales) falls back to the vectorized torch ops of torch_fast.py
     (any device) with a one-time warning, so a configuration never fails for lack of a kernel. The attention
     kernels read the window (a tail of Π + window rows); rotation happens outside the ops.
 Everything else (causal_attention, dequantize_sequence) runs the reference, the
@@ -95,6 +95,8 @@ def store_kernel_gap(config: KVConfig, head_dim: int) -> str | None:
         return "stochastic rounding replays a torch.Generator"
     if config.ranges != "minmax":
         return "the kernel quantizes to each partition's min/max (ranges=minmax)"
+    if config.token_scales:
+        return "the kernel stores no token scales (token_scales off)"
     return None
 
 

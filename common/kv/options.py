@@ -45,6 +45,10 @@ def add_kv_arguments(parser: argparse.ArgumentParser, default_mode: str = "hack"
     group.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=default,
                        help="rotate K and V per head (randomized Hadamard) before quantizing them; --no-rotate is "
                             "the ablation (env HACK_KV_ROTATE=1/0; default %(default)s)")
+    default = _env_value(parser, "HACK_KV_TOKEN_SCALES", _switch, KVConfig.token_scales)
+    group.add_argument("--token-scales", action=argparse.BooleanOptionalAction, default=default,
+                       help="scale each quantized token's K and V by a stored power of two before the per-channel "
+                            "quantization (env HACK_KV_TOKEN_SCALES=1/0; default %(default)s)")
     default = _env_value(parser, "HACK_KV_QUANTIZED_PREFILL", _switch, KVConfig.quantized_prefill)
     group.add_argument("--quantized-prefill", action=argparse.BooleanOptionalAction, default=default,
                        help="prefill attends to the stored codes, as the paper does; --no-quantized-prefill attends "
@@ -57,7 +61,7 @@ def kv_config_from_args(args: argparse.Namespace) -> KVConfig:
         mode=args.kv_mode, bits=args.bits, key_bits=args.key_bits, partition=args.partition, key_axis=args.key_axis,
         rounding=args.rounding, ranges=args.ranges, num_sinks=args.num_sinks, window=args.window,
         sum_elimination=not args.no_sum_elimination, requant_elimination=not args.no_requant_elimination, quantized_prefill=args.quantized_prefill,
-        rotate=args.rotate,
+        rotate=args.rotate, token_scales=args.token_scales,
     )
 
 
@@ -71,7 +75,9 @@ def kv_flags(config: KVConfig, leave_out: tuple[str, ...] = ()) -> list[str]:
         switches = (("--no-sum-elimination", not config.sum_elimination),
                     ("--no-requant-elimination", not config.requant_elimination),
                     ("--no-quantized-prefill", not config.quantized_prefill),
-                    ("--rotate" if config.rotate else "--no-rotate", config.rotate != KVConfig.rotate))
+                    ("--rotate" if config.rotate else "--no-rotate", config.rotate != KVConfig.rotate),
+                    ("--token-scales" if config.token_scales else "--no-token-scales",
+                     config.token_scales != KVConfig.token_scales))
         pairs += [(flag, None) for flag, on in switches if on]
     return [part for flag, value in pairs if flag not in leave_out for part in (flag, value) if part is not None]
 

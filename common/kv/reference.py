@@ -34,7 +34,7 @@ import torch
 
 from common.kv.config import KVConfig
 from common.kv.format import (Cache, Quantized, dequantize, quantize, quantize_tokens, quantized_count, split_tokens,
-                              unpack_codes)
+                              token_factors, unpack_codes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,6 +248,8 @@ def _gather_paged(cache: Cache, block_table: torch.Tensor, n_paged: int, config:
     names = ["k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min"]
     if config.sum_elimination:
         names += ["k_sums", "v_sums"]
+    if config.token_scales:
+        names += ["k_exp", "v_exp"]
     paged = {name: gather_rows(cache, name, block_table, 0, n_paged, config.block_size) for name in names}
     paged["k_codes"] = unpack_codes(paged["k_codes"], config.k_bits)
     paged["v_codes"] = unpack_codes(paged["v_codes"], config.bits)
@@ -257,7 +259,16 @@ def _gather_paged(cache: Cache, block_table: torch.Tensor, n_paged: int, config:
 def hack_scores(qh: torch.Tensor, paged: dict[str, torch.Tensor], config: KVConfig,
                 product_dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """q·k over the paged tokens from K's codes: [Hkv, M, n_paged]. Any leading dim works in place of Hkv
-    (torch_fast.py passes batch x Hkv); product_dtype as in homomorphic_matmul."""
+    (torch_fast.py passes batch x Hkv); product_dtype as in homomorphic_matmul. With token scales, the scores
+    of the scaled rows times each token's 2^e."""
+    scores = _scaled_row_scores(qh, paged, config, product_dtype)
+    if config.token_scales:
+        scores = scores * token_factors(paged["k_exp"]).mT
+    return scores
+
+
+def _scaled_row_scores(qh: torch.Tensor, paged: dict[str, torch.Tensor], config: KVConfig,
+                       product_dtype: torch.dtype) -> torch.Tensor:
     codes = paged["k_codes"]
     pd = config.head_partition(codes.shape[-1])
     n = codes.shape[1]
@@ -286,8 +297,10 @@ def hack_scores(qh: torch.Tensor, paged: dict[str, torch.Tensor], config: KVConf
 def hack_pv(p: torch.Tensor, paged: dict[str, torch.Tensor], config: KVConfig,
             product_dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """P·V over the paged tokens from V's codes: P [Hkv, M, n_paged] -> [Hkv, M, D] (leading dim and
-    product_dtype as in hack_scores)."""
+    product_dtype as in hack_scores). With token scales, P times each token's 2^e is what is quantized."""
     codes = paged["v_codes"]
+    if config.token_scales:
+        p = p * token_factors(paged["v_exp"]).mT
     hkv, m, n = p.shape
     if n == 0:
         return p.new_zeros((hkv, m, codes.shape[-1]))
@@ -334,6 +347,8 @@ def dequantize_paged(paged: dict[str, torch.Tensor], config: KVConfig) -> tuple[
     else:
         k = _dequantize_token_groups(paged["k_codes"], paged["k_scale"], paged["k_min"], config.partition)
     v = _dequantize_token_groups(paged["v_codes"], paged["v_scale"], paged["v_min"], config.partition)
+    if config.token_scales:
+        k, v = k * token_factors(paged["k_exp"]), v * token_factors(paged["v_exp"])
     return k, v
 
 

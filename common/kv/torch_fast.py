@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from common.kv import reference
 from common.kv.config import KVConfig
-from common.kv.format import Cache, Quantized, unpack_codes
+from common.kv.format import Cache, Quantized, token_factors, unpack_codes
 
 CHUNK_ELEMENTS = 1 << 20  # gathered K values per chunk: 4 MiB as float32, one Llama-3-8B layer at 1k tokens
 
@@ -57,6 +57,15 @@ def page_ids(block_tables: torch.Tensor, num_tokens: torch.Tensor, block_size: i
 def gather_pages(field: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
     """Rows of pool field [num_blocks, Hkv, rows, w] on the pages [B, n]: a new [B, Hkv, n*rows, w]."""
     return field[pages].transpose(1, 2).flatten(2, 3)
+
+
+def paged_token_factors(cache: Cache, name: str, pages: torch.Tensor, n_paged: torch.Tensor) -> torch.Tensor:
+    """fp32 [B*Hkv, L] 2^e of the token exponents `name` ("k_exp"/"v_exp") on the pages [B, np] (L = np x
+    block_size); 1 past each sequence's n_paged tokens (a stale exponent could scale to inf)."""
+    exponents = gather_pages(cache[name], pages)  # [B, Hkv, L, 1]
+    slots = torch.arange(exponents.shape[2], device=n_paged.device)[None, :]
+    zero_rows_(exponents, slots < n_paged[:, None])
+    return token_factors(exponents.flatten(0, 1).squeeze(-1))
 
 
 def zero_rows_(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -357,6 +366,8 @@ def read_pages(cache: Cache, block_tables: torch.Tensor, n_paged: torch.Tensor,
     names = ["k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min"]
     if config.sum_elimination:
         names += ["k_sums", "v_sums"]
+    if config.token_scales:
+        names += ["k_exp", "v_exp"]
     pages = page_ids(block_tables, n_paged, config.block_size)
     paged = {name: gather_pages(cache[name], pages) for name in names}  # [B, Hkv, rows, w]
     slots = torch.arange(paged["k_codes"].shape[2], device=n_paged.device)[None, :]
@@ -366,7 +377,9 @@ def read_pages(cache: Cache, block_tables: torch.Tensor, n_paged: torch.Tensor,
     for name in group_fields:
         if name in paged:
             zero_rows_(paged[name], stored_groups)
-    zero_rows_(paged["v_codes"], slots < n_paged[:, None])
+    for name in ("v_codes", "k_exp", "v_exp"):  # an unstored token's stale exponent could scale to inf
+        if name in paged:
+            zero_rows_(paged[name], slots < n_paged[:, None])
     paged["k_codes"] = unpack_float(paged["k_codes"], config.k_bits)
     paged["v_codes"] = unpack_float(paged["v_codes"], config.bits)
     return {name: x.flatten(0, 1) for name, x in paged.items()}, slots
@@ -399,6 +412,15 @@ def hack_scores(qh: torch.Tensor, paged: dict[str, torch.Tensor], config: KVConf
     codes = paged["k_codes"]
     if config.key_axis == "token" or codes.shape[1] == 0:
         return reference.hack_scores(qh, paged, config, product_dtype=torch.float32)
+    scores = _channel_scores(qh, paged, config)
+    if config.token_scales:
+        scores.mul_(token_factors(paged["k_exp"]).mT)
+    return scores
+
+
+def _channel_scores(qh: torch.Tensor, paged: dict[str, torch.Tensor], config: KVConfig) -> torch.Tensor:
+    """The channel axis' q·k of the (scaled) rows: hack_scores before the token scales."""
+    codes = paged["k_codes"]
     pd, pi, groups = config.head_partition(codes.shape[-1]), config.partition, paged["k_scale"].shape[1]
     grouped_codes = reference.pad_tokens(codes, groups * pi).unflatten(1, (groups, pi))  # [Hkv, G, Π, D]
     folded = qh.unsqueeze(1) * paged["k_scale"].float().unsqueeze(2)  # [Hkv, G, M, D]

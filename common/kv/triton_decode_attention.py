@@ -18,8 +18,8 @@ import triton.language as tl
 
 from common.kv.config import KVConfig
 from common.kv.triton_helpers import (
-    LOG2E, check_attention_inputs, next_power_of_2, output_for, quantize_int8, stored_split, sum_tensors, tile_page,
-    use_dot, use_int8_dot,
+    LOG2E, check_attention_inputs, exp_tensors, next_power_of_2, output_for, quantize_int8, stored_split,
+    sum_tensors, tile_page, use_dot, use_int8_dot,
 )
 from common.kv.triton_tiles import attend_state_tile, attend_tail, hack_attend_tile, load_query_partitions
 
@@ -33,11 +33,12 @@ def _hack_decode_kernel(
     q_ptr, stride_qb, stride_qh, out_ptr, stride_ob, stride_oh, part_out_ptr, part_max_ptr, part_sum_ptr,
     seq_lens_ptr, block_tables_ptr, stride_table, state_slots_ptr, num_splits, scale_log2,
     k_codes_ptr, k_scale_ptr, k_min_ptr, k_sums_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr, v_sums_ptr,
-    sink_k_ptr, sink_v_ptr, tail_k_ptr, tail_v_ptr,
+    k_exp_ptr, v_exp_ptr, sink_k_ptr, sink_v_ptr, tail_k_ptr, tail_v_ptr,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, PD: tl.constexpr,
     PI: tl.constexpr, BS: tl.constexpr, K_BITS: tl.constexpr, BITS: tl.constexpr, NUM_SINKS: tl.constexpr,
     SINK_BLOCK: tl.constexpr, WINDOW: tl.constexpr, KEY_CHANNEL: tl.constexpr, HAS_SUMS: tl.constexpr,
     REQUANT_ELIM: tl.constexpr, SPLIT: tl.constexpr, INT_DOT: tl.constexpr, FLOAT_DOT: tl.constexpr,
+    TOKEN_SCALES: tl.constexpr,
 ):
     split = tl.program_id(0)
     head = tl.program_id(1)
@@ -65,7 +66,8 @@ def _hack_decode_kernel(
         m_i, l_i, acc = hack_attend_tile(
             q3, q_codes, q_scale, q_min, q_sum, (tokens < n_valid)[None, :], m_i, l_i, acc, scale_log2,
             k_codes_ptr, k_scale_ptr, k_min_ptr, k_sums_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr, v_sums_ptr,
-            page * HKV + head, slot0, n_valid, D, PD, PI, BS, K_BITS, BITS, KEY_CHANNEL, HAS_SUMS, INT_DOT)
+            k_exp_ptr, v_exp_ptr, page * HKV + head, slot0, n_valid, D, PD, PI, BS, K_BITS, BITS, KEY_CHANNEL,
+            HAS_SUMS, INT_DOT, TOKEN_SCALES)
 
     m_i, l_i, acc = attend_sinks_and_tail(q3, seq_len, split, num_splits, m_i, l_i, acc, scale_log2, state_row,
                                           n_sinks, n_paged, n_tail, sink_k_ptr, sink_v_ptr, tail_k_ptr, tail_v_ptr,
@@ -183,11 +185,13 @@ def decode_meta(q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Ten
         state_slots_ptr=state_slots, scale_log2=softmax_scale * LOG2E,
         sink_k_ptr=cache["sink_k"], sink_v_ptr=cache["sink_v"], tail_k_ptr=cache["tail_k"], tail_v_ptr=cache["tail_v"],
     )
+    args["k_exp_ptr"], args["v_exp_ptr"] = exp_tensors(cache, config)
     meta = dict(
         HKV=num_kv_heads, G=group, BLOCK_M=block_m, D=head_dim, PD=pd, PI=pi, BS=config.block_size,
         K_BITS=config.k_bits, BITS=config.bits, NUM_SINKS=config.num_sinks, SINK_BLOCK=sink_block, WINDOW=config.window,
         KEY_CHANNEL=config.key_axis == "channel",
         REQUANT_ELIM=config.requant_elimination, FLOAT_DOT=use_dot(block_m, pd, head_dim, sink_block),
+        TOKEN_SCALES=config.token_scales,
     )
     return args, meta, batch, num_kv_heads, num_splits
 

@@ -26,12 +26,12 @@ Cache = dict[str, torch.Tensor]
 def _dequant_decode_kernel(
     q_ptr, stride_qb, stride_qh, out_ptr, stride_ob, stride_oh, part_out_ptr, part_max_ptr, part_sum_ptr,
     seq_lens_ptr, block_tables_ptr, stride_table, state_slots_ptr, num_splits, scale_log2,
-    k_codes_ptr, k_scale_ptr, k_min_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr,
+    k_codes_ptr, k_scale_ptr, k_min_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr, k_exp_ptr, v_exp_ptr,
     sink_k_ptr, sink_v_ptr, tail_k_ptr, tail_v_ptr,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, PD: tl.constexpr,
     PI: tl.constexpr, BS: tl.constexpr, K_BITS: tl.constexpr, BITS: tl.constexpr, NUM_SINKS: tl.constexpr,
     SINK_BLOCK: tl.constexpr, WINDOW: tl.constexpr, KEY_CHANNEL: tl.constexpr, REQUANT_ELIM: tl.constexpr,
-    SPLIT: tl.constexpr, FLOAT_DOT: tl.constexpr,
+    SPLIT: tl.constexpr, FLOAT_DOT: tl.constexpr, TOKEN_SCALES: tl.constexpr,
 ):
     split = tl.program_id(0)
     head = tl.program_id(1)
@@ -56,8 +56,8 @@ def _dequant_decode_kernel(
         page, slot0 = tile_page(block_table, tile * PI, BS)
         n_valid = n_paged - tile * PI
         keys, values = dequantized_group(k_codes_ptr, k_scale_ptr, k_min_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr,
-                                         page * HKV + head, slot0, n_valid, D, PD, PI, BS, K_BITS, BITS,
-                                         KEY_CHANNEL)
+                                         k_exp_ptr, v_exp_ptr, page * HKV + head, slot0, n_valid, D, PD, PI, BS,
+                                         K_BITS, BITS, KEY_CHANNEL, TOKEN_SCALES)
         m_i, l_i, acc = float_attend_tile(q3, tl.reshape(keys, (NP, PD, PI)), values, (tokens < n_valid)[None, :],
                                           m_i, l_i, acc, scale_log2, FLOAT_DOT, True)
 

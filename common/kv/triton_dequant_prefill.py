@@ -21,7 +21,7 @@ import triton.language as tl
 from common.kv.config import KVConfig
 from common.kv.triton_helpers import (
     LOG2E, check_attention_inputs, check_index, matmul, next_power_of_2, output_for, prefill_rows, softmax_step,
-    stored_split, tile_page, use_dot,
+    stored_split, exp_tensors, tile_page, use_dot,
 )
 from common.kv.triton_tiles import dequantized_group
 
@@ -66,12 +66,12 @@ def _attend(q, keys, values, visible, m_i, l_i, acc, scale_log2, DOT: tl.constex
 def _dequant_prefill_kernel(
     q_ptr, stride_qt, stride_qh, out_ptr, stride_ot, stride_oh,
     cu_q_ptr, seq_lens_ptr, block_tables_ptr, stride_table, state_slots_ptr, scale_log2,
-    k_codes_ptr, k_scale_ptr, k_min_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr,
+    k_codes_ptr, k_scale_ptr, k_min_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr, k_exp_ptr, v_exp_ptr,
     sink_k_ptr, sink_v_ptr, tail_k_ptr, tail_v_ptr,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
     PD: tl.constexpr, PI: tl.constexpr, BS: tl.constexpr, K_BITS: tl.constexpr, BITS: tl.constexpr,
     NUM_SINKS: tl.constexpr, SINK_BLOCK: tl.constexpr, WINDOW: tl.constexpr, KEY_CHANNEL: tl.constexpr,
-    REQUANT_ELIM: tl.constexpr, DOT: tl.constexpr, BF16: tl.constexpr,
+    REQUANT_ELIM: tl.constexpr, DOT: tl.constexpr, BF16: tl.constexpr, TOKEN_SCALES: tl.constexpr,
 ):
     block = tl.program_id(0)
     head = tl.program_id(1)
@@ -107,8 +107,8 @@ def _dequant_prefill_kernel(
             page, slot0 = tile_page(block_table, tile * PI, BS)
             n_valid = n_paged - tile * PI
             keys, values = dequantized_group(k_codes_ptr, k_scale_ptr, k_min_ptr, v_codes_ptr, v_scale_ptr,
-                                              v_min_ptr, page * HKV + head, slot0, n_valid, D, PD, PI, BS, K_BITS,
-                                              BITS, KEY_CHANNEL)
+                                              v_min_ptr, k_exp_ptr, v_exp_ptr, page * HKV + head, slot0, n_valid,
+                                              D, PD, PI, BS, K_BITS, BITS, KEY_CHANNEL, TOKEN_SCALES)
             visible = (tokens < n_valid)[None, :] & ((n_sinks + tile * PI + tokens)[None, :] <= q_pos)
             m_i, l_i, acc = _attend(q, keys, values, visible, m_i, l_i, acc, scale_log2, DOT, BF16)
 
@@ -146,12 +146,12 @@ def dequant_prefill_attention(q: torch.Tensor, cu_q: torch.Tensor, seq_lens: tor
         q, q.stride(0), q.stride(1), out, out.stride(0), out.stride(1),
         cu_q, seq_lens, block_tables, block_tables.stride(0), state_slots, softmax_scale * LOG2E,
         cache["k_codes"], cache["k_scale"], cache["k_min"], cache["v_codes"], cache["v_scale"], cache["v_min"],
-        cache["sink_k"], cache["sink_v"], cache["tail_k"], cache["tail_v"],
+        *exp_tensors(cache, config), cache["sink_k"], cache["sink_v"], cache["tail_k"], cache["tail_v"],
         HKV=num_kv_heads, G=group, BLOCK_G=block_g, BLOCK_T=block_t, D=head_dim,
         PD=config.head_partition(head_dim), PI=pi, BS=config.block_size, K_BITS=config.k_bits, BITS=config.bits,
         NUM_SINKS=config.num_sinks, SINK_BLOCK=sink_block, WINDOW=config.window,
         KEY_CHANNEL=config.key_axis == "channel", REQUANT_ELIM=config.requant_elimination,
         DOT=use_dot(rows, head_dim, pi, sink_block), BF16=q.dtype == torch.bfloat16,
-        num_warps=num_warps, num_stages=num_stages,
+        TOKEN_SCALES=config.token_scales, num_warps=num_warps, num_stages=num_stages,
     )
     return out

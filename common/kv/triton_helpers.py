@@ -241,6 +241,14 @@ def sum_tensors(cache: dict[str, torch.Tensor], config: KVConfig) -> tuple[torch
     return cache["k_codes"], cache["v_codes"]
 
 
+def exp_tensors(cache: dict[str, torch.Tensor], config: KVConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k_exp, v_exp) pointers for a kernel; without token scales the kernel never reads them, so the code
+    tensors stand in."""
+    if config.token_scales:
+        return cache["k_exp"], cache["v_exp"]
+    return cache["k_codes"], cache["v_codes"]
+
+
 def output_for(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """The attention output tensor: `out` when given (checked against q), else a new one like q."""
     if out is None:

@@ -19,7 +19,7 @@ import triton.language as tl
 from common.kv.config import KVConfig
 from common.kv.triton_helpers import (
     LOG2E, check_attention_inputs, check_index, next_power_of_2, output_for, prefill_rows, quantize_int8,
-    stored_split, sum_tensors, tile_page, use_dot, use_int8_dot,
+    stored_split, sum_tensors, exp_tensors, tile_page, use_dot, use_int8_dot,
 )
 from common.kv.triton_tiles import attend_state_tile, attend_tail, hack_attend_tile, load_query_partitions
 
@@ -31,11 +31,12 @@ def _hack_prefill_kernel(
     q_ptr, stride_qt, stride_qh, out_ptr, stride_ot, stride_oh,
     cu_q_ptr, seq_lens_ptr, block_tables_ptr, stride_table, state_slots_ptr, scale_log2,
     k_codes_ptr, k_scale_ptr, k_min_ptr, k_sums_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr, v_sums_ptr,
-    sink_k_ptr, sink_v_ptr, tail_k_ptr, tail_v_ptr,
+    k_exp_ptr, v_exp_ptr, sink_k_ptr, sink_v_ptr, tail_k_ptr, tail_v_ptr,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
     PD: tl.constexpr, PI: tl.constexpr, BS: tl.constexpr, K_BITS: tl.constexpr, BITS: tl.constexpr,
     NUM_SINKS: tl.constexpr, SINK_BLOCK: tl.constexpr, WINDOW: tl.constexpr, KEY_CHANNEL: tl.constexpr,
     HAS_SUMS: tl.constexpr, REQUANT_ELIM: tl.constexpr, INT_DOT: tl.constexpr, FLOAT_DOT: tl.constexpr,
+    TOKEN_SCALES: tl.constexpr,
 ):
     block = tl.program_id(0)
     head = tl.program_id(1)
@@ -73,7 +74,8 @@ def _hack_prefill_kernel(
             m_i, l_i, acc = hack_attend_tile(
                 q3, q_codes, q_scale, q_min, q_sum, visible, m_i, l_i, acc, scale_log2,
                 k_codes_ptr, k_scale_ptr, k_min_ptr, k_sums_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr, v_sums_ptr,
-                page * HKV + head, slot0, n_valid, D, PD, PI, BS, K_BITS, BITS, KEY_CHANNEL, HAS_SUMS, INT_DOT)
+                k_exp_ptr, v_exp_ptr, page * HKV + head, slot0, n_valid, D, PD, PI, BS, K_BITS, BITS, KEY_CHANNEL,
+                HAS_SUMS, INT_DOT, TOKEN_SCALES)
 
         if REQUANT_ELIM:
             m_i, l_i, acc = attend_tail(q3, q_pos, m_i, l_i, acc, scale_log2, tail_k_ptr, tail_v_ptr, state_row,
@@ -105,7 +107,7 @@ def hack_prefill_attention(q: torch.Tensor, cu_q: torch.Tensor, seq_lens: torch.
         q, q.stride(0), q.stride(1), out, out.stride(0), out.stride(1),
         cu_q, seq_lens, block_tables, block_tables.stride(0), state_slots, softmax_scale * LOG2E,
         cache["k_codes"], cache["k_scale"], cache["k_min"], sums[0],
-        cache["v_codes"], cache["v_scale"], cache["v_min"], sums[1],
+        cache["v_codes"], cache["v_scale"], cache["v_min"], sums[1], *exp_tensors(cache, config),
         cache["sink_k"], cache["sink_v"], cache["tail_k"], cache["tail_v"],
         HKV=num_kv_heads, G=group, BLOCK_G=block_g, BLOCK_T=block_t, D=head_dim, PD=pd, PI=pi,
         BS=config.block_size, K_BITS=config.k_bits, BITS=config.bits, NUM_SINKS=config.num_sinks,
@@ -113,7 +115,7 @@ def hack_prefill_attention(q: torch.Tensor, cu_q: torch.Tensor, seq_lens: torch.
         WINDOW=config.window, KEY_CHANNEL=config.key_axis == "channel", HAS_SUMS=config.sum_elimination,
         REQUANT_ELIM=config.requant_elimination,
         INT_DOT=use_int8_dot(rows, pd, pi) and use_int8_dot(rows, pi, head_dim),
-        FLOAT_DOT=use_dot(rows, pd, head_dim, sink_block),
+        FLOAT_DOT=use_dot(rows, pd, head_dim, sink_block), TOKEN_SCALES=config.token_scales,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

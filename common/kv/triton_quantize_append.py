@@ -210,9 +210,10 @@ def quantize_append(k: torch.Tensor, v: torch.Tensor, cu_new: torch.Tensor, num_
                     generator: torch.Generator | None = None, num_warps: int = 8) -> None:
     """Triton `reference.store_compressed_kv`. Nearest rounding only (`generator` is accepted for the shared
     signature and unused): stochastic rounding draws from a torch.Generator that a kernel cannot replay."""
-    if config.rounding != "nearest" or config.window:
-        raise ValueError("the Triton quantize-append kernel implements nearest rounding and window=0, got "
-                         f"rounding={config.rounding!r}, window={config.window}")
+    if config.rounding != "nearest" or config.window or config.token_scales:
+        raise ValueError("the Triton quantize-append kernel implements nearest rounding, window=0 and no token "
+                         f"scales, got rounding={config.rounding!r}, window={config.window}, "
+                         f"token_scales={config.token_scales}")
     num_kv_heads, head_dim = check_append_inputs(k, v, cu_new, num_cached, block_tables, state_slots, cache, config)
     pi, batch = config.partition, num_cached.shape[0]
     max_groups = triton.cdiv(pi - 1 + k.shape[0], pi)  # a sequence fills at most this many groups in one call

@@ -49,11 +49,19 @@ def value_codes(v_codes_ptr, token_rows, key_valid, D: tl.constexpr, BITS: tl.co
 
 
 @triton.jit
-def dequantized_group(k_codes_ptr, k_scale_ptr, k_min_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr, head_page, slot0,
-                       n_valid, D: tl.constexpr, PD: tl.constexpr, PI: tl.constexpr, BS: tl.constexpr,
-                       K_BITS: tl.constexpr, BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr):
+def token_factors(exp_ptr, token_rows, valid):
+    """2^e of the tokens' stored exponents (format.py token scales), fp32 [N]; 1 for invalid tokens."""
+    return tl.exp2(tl.load(exp_ptr + token_rows, mask=valid, other=0).to(tl.float32))
+
+
+@triton.jit
+def dequantized_group(k_codes_ptr, k_scale_ptr, k_min_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr, k_exp_ptr, v_exp_ptr,
+                       head_page, slot0, n_valid, D: tl.constexpr, PD: tl.constexpr, PI: tl.constexpr,
+                       BS: tl.constexpr, K_BITS: tl.constexpr, BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr,
+                       TOKEN_SCALES: tl.constexpr):
     """One page group dequantized in registers (the dequant baseline's tiles): fp32 keys [D, Π] and values
-    [Π, D], s * code + m (K codes K_BITS wide, V codes BITS); tokens >= n_valid are finite."""
+    [Π, D], s * code + m (K codes K_BITS wide, V codes BITS; times each token's 2^e with TOKEN_SCALES); tokens
+    >= n_valid are finite."""
     NP: tl.constexpr = D // PD
     tokens = tl.arange(0, PI)
     valid = tokens < n_valid
@@ -73,15 +81,21 @@ def dequantized_group(k_codes_ptr, k_scale_ptr, k_min_ptr, v_codes_ptr, v_scale_
     v_scale = tl.load(v_scale_ptr + v_offsets).to(tl.float32)
     v_min = tl.load(v_min_ptr + v_offsets).to(tl.float32)
     values = value_codes(v_codes_ptr, token_rows, valid, D, BITS).to(tl.float32) * v_scale + v_min
-    return codes.to(tl.float32) * k_scale + k_min, values
+    keys = codes.to(tl.float32) * k_scale + k_min
+    if TOKEN_SCALES:
+        keys = keys * token_factors(k_exp_ptr, token_rows, valid)[None, :]
+        values = values * token_factors(v_exp_ptr, token_rows, valid)[:, None]
+    return keys, values
 
 
 @triton.jit
-def hack_scores(q3, q_codes, q_scale, q_min, q_sum, k_codes_ptr, k_scale_ptr, k_min_ptr, k_sums_ptr,
+def hack_scores(q3, q_codes, q_scale, q_min, q_sum, k_codes_ptr, k_scale_ptr, k_min_ptr, k_sums_ptr, k_exp_ptr,
                 head_page, slot0, n_valid,
                 D: tl.constexpr, PD: tl.constexpr, PI: tl.constexpr, BS: tl.constexpr, K_BITS: tl.constexpr,
-                KEY_CHANNEL: tl.constexpr, HAS_SUMS: tl.constexpr, INT_DOT: tl.constexpr):
-    """q·k [M, Π] of the query rows against the Π tokens of one page group, from K's codes (K_BITS wide).
+                KEY_CHANNEL: tl.constexpr, HAS_SUMS: tl.constexpr, INT_DOT: tl.constexpr,
+                TOKEN_SCALES: tl.constexpr):
+    """q·k [M, Π] of the query rows against the Π tokens of one page group, from K's codes (K_BITS wide; with
+    TOKEN_SCALES each token's score of its scaled row times its 2^e).
 
     q3 is the fp32 query [NP, M, PD]; q_codes/q_scale/q_min/q_sum its per-partition INT8 form (key_axis
     "token"; recomputed per tile from the folded query for "channel"). Tokens >= n_valid get finite garbage.
@@ -104,21 +118,30 @@ def hack_scores(q3, q_codes, q_scale, q_min, q_sum, k_codes_ptr, k_scale_ptr, k_
         folded_codes, folded_scale, folded_min, folded_sum = quantize_int8(q3 * k_scale, 2)
         integer = code_matmul(folded_codes, folded_sum, codes, K_BITS, INT_DOT).to(tl.float32)
         per_part = folded_scale * integer + folded_min * k_sum
-        return tl.sum(per_part, axis=0) + tl.sum(tl.sum(q3 * k_min, axis=2), axis=0)[:, None]
-    k_scale = tl.load(k_scale_ptr + part_tokens, mask=key_valid[None, None, :], other=0.0).to(tl.float32)
-    k_min = tl.load(k_min_ptr + part_tokens, mask=key_valid[None, None, :], other=0.0).to(tl.float32)
-    integer = code_matmul(q_codes, q_sum, codes, K_BITS, INT_DOT).to(tl.float32)  # [NP, M, Π]
-    per_part = q_scale * (k_scale * integer + k_min * q_sum.to(tl.float32)) + q_min * (k_scale * k_sum + PD * k_min)
-    return tl.sum(per_part, axis=0)
+        scores = tl.sum(per_part, axis=0) + tl.sum(tl.sum(q3 * k_min, axis=2), axis=0)[:, None]
+    else:
+        k_scale = tl.load(k_scale_ptr + part_tokens, mask=key_valid[None, None, :], other=0.0).to(tl.float32)
+        k_min = tl.load(k_min_ptr + part_tokens, mask=key_valid[None, None, :], other=0.0).to(tl.float32)
+        integer = code_matmul(q_codes, q_sum, codes, K_BITS, INT_DOT).to(tl.float32)  # [NP, M, Π]
+        per_part = (q_scale * (k_scale * integer + k_min * q_sum.to(tl.float32))
+                    + q_min * (k_scale * k_sum + PD * k_min))
+        scores = tl.sum(per_part, axis=0)
+    if TOKEN_SCALES:
+        scores = scores * token_factors(k_exp_ptr, token_rows, key_valid)[None, :]
+    return scores
 
 
 @triton.jit
-def hack_pv(p, v_codes_ptr, v_scale_ptr, v_min_ptr, v_sums_ptr, head_page, slot0, n_valid,
+def hack_pv(p, v_codes_ptr, v_scale_ptr, v_min_ptr, v_sums_ptr, v_exp_ptr, head_page, slot0, n_valid,
             D: tl.constexpr, PI: tl.constexpr, BS: tl.constexpr, BITS: tl.constexpr, HAS_SUMS: tl.constexpr,
-            INT_DOT: tl.constexpr):
-    """P·V [M, D] of a probability tile p [M, Π] (0 where masked) and the page group's V codes."""
+            INT_DOT: tl.constexpr, TOKEN_SCALES: tl.constexpr):
+    """P·V [M, D] of a probability tile p [M, Π] (0 where masked) and the page group's V codes (with
+    TOKEN_SCALES, p times each token's 2^e is what is quantized)."""
     tokens = tl.arange(0, PI)
-    codes = value_codes(v_codes_ptr, head_page * BS + slot0 + tokens, tokens < n_valid, D, BITS)  # [Π, D]
+    token_rows = head_page * BS + slot0 + tokens
+    if TOKEN_SCALES:
+        p = p * token_factors(v_exp_ptr, token_rows, tokens < n_valid)[None, :]
+    codes = value_codes(v_codes_ptr, token_rows, tokens < n_valid, D, BITS)  # [Π, D]
     group_channels = (head_page * (BS // PI) + slot0 // PI) * D + tl.arange(0, D)[None, :]
     v_scale = tl.load(v_scale_ptr + group_channels).to(tl.float32)
     v_min = tl.load(v_min_ptr + group_channels).to(tl.float32)
@@ -134,16 +157,18 @@ def hack_pv(p, v_codes_ptr, v_scale_ptr, v_min_ptr, v_sums_ptr, head_page, slot0
 @triton.jit
 def hack_attend_tile(q3, q_codes, q_scale, q_min, q_sum, visible, m_i, l_i, acc, scale_log2,
                      k_codes_ptr, k_scale_ptr, k_min_ptr, k_sums_ptr, v_codes_ptr, v_scale_ptr, v_min_ptr,
-                     v_sums_ptr, head_page, slot0, n_valid,
+                     v_sums_ptr, k_exp_ptr, v_exp_ptr, head_page, slot0, n_valid,
                      D: tl.constexpr, PD: tl.constexpr, PI: tl.constexpr, BS: tl.constexpr, K_BITS: tl.constexpr,
-                     BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr, HAS_SUMS: tl.constexpr, INT_DOT: tl.constexpr):
+                     BITS: tl.constexpr, KEY_CHANNEL: tl.constexpr, HAS_SUMS: tl.constexpr, INT_DOT: tl.constexpr,
+                     TOKEN_SCALES: tl.constexpr):
     """Online-softmax update with one paged token group; `visible` [M or 1, Π] masks keys (causal, length)."""
     scores = hack_scores(q3, q_codes, q_scale, q_min, q_sum, k_codes_ptr, k_scale_ptr, k_min_ptr, k_sums_ptr,
-                         head_page, slot0, n_valid, D, PD, PI, BS, K_BITS, KEY_CHANNEL, HAS_SUMS, INT_DOT)
+                         k_exp_ptr, head_page, slot0, n_valid, D, PD, PI, BS, K_BITS, KEY_CHANNEL, HAS_SUMS, INT_DOT,
+                         TOKEN_SCALES)
     scores = tl.where(visible, scores * scale_log2, float("-inf"))
     p, alpha, m_i, l_i = softmax_step(scores, m_i, l_i)
-    pv = hack_pv(p, v_codes_ptr, v_scale_ptr, v_min_ptr, v_sums_ptr, head_page, slot0, n_valid, D, PI, BS, BITS,
-                 HAS_SUMS, INT_DOT)
+    pv = hack_pv(p, v_codes_ptr, v_scale_ptr, v_min_ptr, v_sums_ptr, v_exp_ptr, head_page, slot0, n_valid, D, PI, BS,
+                 BITS, HAS_SUMS, INT_DOT, TOKEN_SCALES)
     return m_i, l_i, acc * alpha[:, None] + pv
 
 

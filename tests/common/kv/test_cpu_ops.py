@@ -2,7 +2,7 @@
 
 Odd shapes throughout: 1, 17 and 130-token sequences (partial pages and partial token groups, a sequence with
 no filled page), one-token decodes, chunks and whole prompts, GQA 3:1, 4:1 and 1:1, head_dim 16/64/128,
-2/4/8 bits, K codes of their own width (key_bits 4/8 over 2-bit V), sinks 0/4, pages of two partitions, both ablations off; poisoned pages and garbage block-table
+2/4/8 bits, K codes of their own width (key_bits 4/8 over 2-bit V), token scales, sinks 0/4, pages of two partitions, both ablations off; poisoned pages and garbage block-table
 padding (a read of anything unwritten shows); prefill in many small query blocks; the routing through
 ops.dispatch.
 """
@@ -37,6 +37,8 @@ CASES = [
     pytest.param(KVConfig(partition=32, block_size=64), 3, 1, 16, [17, 130, 1], id="gqa1-d16-pages-of-two-groups"),
     pytest.param(KVConfig(partition=32, key_bits=4), 1, 3, 64, [17, 130, 1], id="gqa3-d64-k4-v2"),
     pytest.param(KVConfig(partition=64, key_bits=8, num_sinks=0), 2, 3, 128, [130, 1, 17], id="gqa3-d128-k8-v2"),
+    pytest.param(KVConfig(partition=32, window=16, token_scales=True), 1, 3, 64, [17, 130, 1],
+                 id="gqa3-d64-token-scales"),
 ]
 # hack attention runs the C products where they build (test_native.py); "hack-torch" checks its torch ops too
 OPS = [pytest.param("hack_attention", HACK, id="hack"), pytest.param("hack_attention-torch", HACK, id="hack-torch"),

@@ -6,6 +6,8 @@ pages, one token, GQA 3:1.
   * ranges="mse": clipped per-partition ranges of least squared error; same layout, so the fast ops follow.
   * rotate: a per-KV-head orthogonal rotation around the ops. Exact in fp32 (rotate, attend, rotate back = plain
     attention to 1e-5), and the rotated backend is plain attention while nothing is quantized yet.
+  * key_bits: K codes of their own width. token_scales: a power of two per token and head divides each row
+    before the per-channel quantization; the scores and probabilities carry it (homomorphic).
 """
 from __future__ import annotations
 
@@ -62,6 +64,9 @@ WINDOW_CASES = [
     pytest.param(KVConfig(partition=32, window=20, num_sinks=4, key_bits=4), [17, 130, 1], id="k4-v2"),
     pytest.param(KVConfig(partition=32, num_sinks=0, key_bits=8, key_axis="token", rotate=False), [1, 200, 17],
                  id="k8-v2-token"),
+    pytest.param(KVConfig(partition=32, window=20, num_sinks=4, token_scales=True), [17, 130, 1], id="token-scales"),
+    pytest.param(KVConfig(partition=32, num_sinks=0, key_axis="token", key_bits=4, token_scales=True,
+                          requant_elimination=False), [1, 200, 17], id="token-scales-token-k4-requant"),
 ]
 
 
@@ -129,7 +134,8 @@ def _backend(**overrides):
 
 
 @pytest.mark.parametrize("overrides", [{"window": 20}, {"window": 20, "rotate": True}, {"rotate": True},
-                                       {"window": 40, "mode": "dequant"}, {"window": 20, "key_bits": 4}])
+                                       {"window": 40, "mode": "dequant"}, {"window": 20, "key_bits": 4},
+                                       {"window": 20, "token_scales": True}])
 @pytest.mark.parametrize("prompt", [1, 17, 131])
 def test_export_import_round_trip(overrides, prompt) -> None:
     prefill, decode = _backend(**overrides), _backend(**overrides)
@@ -266,3 +272,52 @@ def test_key_bits_size_k_codes_and_cut_the_attention_error() -> None:
         errors.append(float((back - k).norm() / k.norm()))
         assert torch.equal(rows["v_codes"], quantize_tokens(k, v, two)["v_codes"])
     assert errors[1] < 0.3 * errors[0]
+
+
+# -- token scales ------------------------------------------------------------------------------------------------
+
+
+def test_token_scales_store_exponents_and_keep_small_tokens_resolution() -> None:
+    """Rows of very different magnitudes in one group: each token's exponent is round(log2(max |x|)), the
+    stored rows are 2^e times the codes' values, and small tokens keep their own resolution."""
+    gen = torch.Generator().manual_seed(fresh_seed())
+    magnitudes = torch.exp2(torch.randint(-6, 6, (2, 128, 1), generator=gen).float())
+    k, v = (torch.randn(2, 128, 64, generator=gen) * magnitudes for _ in "kv")
+    plain, scaled = KVConfig(partition=64), KVConfig(partition=64, token_scales=True)
+    assert "token_scales" in scaled.wire_identity and "token_scales" not in plain.wire_identity
+    fields = [f.name for f in KVLayout(scaled, 2, 64).page_fields()]
+    assert {"k_exp", "v_exp"} <= set(fields) and "k_exp" not in [f.name for f in KVLayout(plain, 2, 64).page_fields()]
+    errors = []
+    for config in (plain, scaled):
+        rows = quantize_tokens(k, v, config)
+        paged = dict(rows, k_codes=unpack_codes(rows["k_codes"], 2), v_codes=unpack_codes(rows["v_codes"], 2))
+        back_k, back_v = reference.dequantize_paged(paged, config)
+        relative = ((back_k - k).norm(dim=-1) / k.norm(dim=-1)).mean() + ((back_v - v).norm(dim=-1) / v.norm(dim=-1)).mean()
+        errors.append(float(relative))
+    assert torch.equal(rows["k_exp"].float(), torch.log2(k.abs().amax(-1, keepdim=True)).round())
+    assert rows["v_exp"].dtype == torch.int8 and rows["v_exp"].shape == (2, 128, 1)
+    assert errors[1] < 0.5 * errors[0], errors
+
+
+@pytest.mark.parametrize("seq_lens", [[17, 130, 1], [200]])
+def test_token_scales_hack_attends_on_the_codes_as_dequant(seq_lens) -> None:
+    """reference.hack_attention (scores times 2^e, P times 2^e before its 8-bit quantization) stays as close to
+    the dequantized cache's attention as without token scales (the 8-bit q and P are the only difference), GQA
+    3:1, odd lengths; a zero row stores exponent 0."""
+    seed, gaps = fresh_seed(), []
+    for token_scales in (False, True):
+        config = KVConfig(partition=32, window=20, num_sinks=4, token_scales=token_scales)
+        batch, gen = random_batch(config, 2, 64, seq_lens, seed)
+        q = torch.randn(len(seq_lens), 6, 64, generator=gen)
+        args = (q, cumulative([1] * len(seq_lens)), batch.seq_lens, batch.block_tables, batch.state_slots,
+                batch.cache, config, 0.125)
+        gaps.append(float((reference.hack_attention(*args) - reference.dequant_attention(*args)).abs().mean()))
+    assert gaps[1] < 2 * gaps[0] + 1e-6, (seed, gaps)
+    zero = quantize_tokens(torch.zeros(1, 32, 64), torch.zeros(1, 32, 64), config)
+    assert not zero["k_exp"].any() and not zero["v_exp"].any()
+
+
+def test_token_scales_are_a_store_kernel_gap_only() -> None:
+    """The attention kernels read the exponents; the Triton append kernel does not write them (torch_fast does)."""
+    assert "token scales" in ops.store_kernel_gap(KVConfig(**PAPER_SETTING, token_scales=True), 64)
+    assert ops.kernel_gap(KVConfig(token_scales=True), 64) is None

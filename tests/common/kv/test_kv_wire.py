@@ -34,6 +34,7 @@ CONFIGS = [
     KVConfig(**PAPER_SETTING, mode="dequant", partition=64),
     KVConfig(**PAPER_SETTING, mode="fp16", partition=32),
     KVConfig(**PAPER_SETTING, partition=32, num_sinks=2, key_bits=4),
+    KVConfig(partition=32, num_sinks=2, window=8, token_scales=True),
 ]
 
 

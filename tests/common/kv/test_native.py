@@ -2,7 +2,7 @@
 
 The cases keep tokens on the pages (window 0 or 16): 1, 17, 130 and 200-token sequences (partial pages, partial
 token groups, a sequence with no filled page), GQA 3:1, 4:1 and 1:1, head_dim 16/64/128, 2/4/8 bits, K codes of
-their own width (key_bits 4 and 8 over 2-bit V), sinks 0/4, pages of two partitions, sums stored or not;
+their own width (key_bits 4 and 8 over 2-bit V), token scales, sinks 0/4, pages of two partitions, sums stored or not;
 poisoned pools and garbage block-table padding (compressed_args).
 """
 from __future__ import annotations
@@ -34,6 +34,9 @@ CASES = [
     pytest.param(KVConfig(partition=64, key_bits=4, window=0), 1, 3, 128, [130, 1, 17], id="k4-v2-gqa3-d128"),
     pytest.param(KVConfig(partition=32, key_bits=8, num_sinks=0, window=0), 3, 1, 16, [17, 1, 70],
                  id="k8-v2-gqa1-d16-portable-loops"),
+    pytest.param(KVConfig(token_scales=True, window=16), 2, 3, 64, [300, 17, 1, 150], id="token-scales-gqa3-d64"),
+    pytest.param(KVConfig(partition=64, token_scales=True, key_bits=4, window=0), 1, 3, 128, [130, 1, 17],
+                 id="token-scales-k4-d128"),
 ]
 
 

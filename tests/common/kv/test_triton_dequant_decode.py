@@ -23,6 +23,8 @@ CASES = [
                  id="gqa3-window-2splits"),
     pytest.param(KVConfig(partition=32, num_sinks=2, window=40, rotate=False, key_bits=4), 1, 3, 32, [1, 17, 130], 2,
                  id="gqa3-k4-v2-window"),
+    pytest.param(KVConfig(partition=32, num_sinks=2, window=40, token_scales=True), 1, 3, 32, [1, 17, 130], 2,
+                 id="gqa3-token-scales-window"),
 ]
 
 

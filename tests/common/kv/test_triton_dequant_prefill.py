@@ -32,6 +32,8 @@ CASES = [
                  [1, 17, 70], [1, 17, 3], torch.float32, id="gqa3-requant-chunked"),
     pytest.param(KVConfig(partition=32, num_sinks=2, window=20, rotate=False, key_bits=4), 1, 3, 32,
                  [5, 17, 130], [5, 1, 40], torch.float32, id="gqa3-k4-v2-window-chunked"),
+    pytest.param(KVConfig(partition=32, num_sinks=2, window=20, token_scales=True), 1, 3, 32,
+                 [5, 17, 130], [5, 1, 40], torch.float32, id="gqa3-token-scales-window-chunked"),
     # head_dim 8 keeps bf16 off tl.dot: Triton's interpreter multiplies bf16 dot operands as raw bits (the
     # sm_90 compile test covers the bf16 dot)
     pytest.param(KVConfig(partition=32, num_sinks=2, window=8, rotate=False), 1, 3, 8, [17, 70], None,

@@ -31,6 +31,8 @@ CASES = [
                  id="gqa3-window-chunked"),  # the default format's 16-bit window: a tail of Π + 40 rows
     pytest.param(KVConfig(partition=32, num_sinks=2, window=40, rotate=False, key_bits=4), 1, 3, 32, [1, 17, 130],
                  [1, 17, 50], id="gqa3-k4-v2-window-chunked"),
+    pytest.param(KVConfig(partition=32, num_sinks=2, window=40, token_scales=True), 1, 3, 32, [1, 17, 130],
+                 [1, 17, 50], id="gqa3-token-scales-window-chunked"),
 ]
 
 

@@ -88,6 +88,8 @@ def test_append_rejects_what_it_cannot_store():
                 state_slots=torch.zeros(1, dtype=torch.int64, device=DEVICE), cache=cache)
     with pytest.raises(ValueError, match="nearest rounding"):
         append.quantize_append(k, k, **args, config=KVConfig(**PAPER_SETTING, partition=32, rounding="stochastic"))
+    with pytest.raises(ValueError, match="token scales"):
+        append.quantize_append(k, k, **args, config=KVConfig(**PAPER_SETTING, partition=32, token_scales=True))
     with pytest.raises(ValueError, match="block_tables"):
         append.quantize_append(k, k, **(args | dict(block_tables=args["block_tables"].float())), config=config)
     with pytest.raises(ValueError, match="k_codes"):  # a pool built for another head_dim
