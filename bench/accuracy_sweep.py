@@ -40,11 +40,12 @@ BYTES_AT = 4096  # prompt tokens at which the byte shares are stated (the issue'
 PAPER = KVConfig(mode="hack", bits=2, partition=64, ranges="minmax", rotate=False, window=0,
                  token_scales=False)  # HACK's setting
 PREVIOUS = dataclasses.replace(PAPER, ranges="mse", rotate=True, window=128)  # the defaults before Π=128
-ACCURATE = dataclasses.replace(PREVIOUS, partition=128, block_size=0, window=192)  # the defaults
-SHORTER_WINDOW = dataclasses.replace(ACCURATE, window=160)  # the defaults before the 2,048-token contexts were measured
-FINER = dataclasses.replace(PREVIOUS, window=160)  # Π=64 at the defaults' memory: the runner-up
+UNSCALED = dataclasses.replace(PREVIOUS, partition=128, block_size=0, window=192)  # the defaults before token scales
+ACCURATE = dataclasses.replace(UNSCALED, token_scales=True)  # the defaults: a power of two per token and head
+SHORTER_WINDOW = dataclasses.replace(UNSCALED, window=160)  # the defaults before the 2,048-token contexts were measured
+FINER = dataclasses.replace(PREVIOUS, window=160)  # Π=64 at the 160-token window's memory: the runner-up then
 KEYS4 = dataclasses.replace(ACCURATE, key_bits=4)  # 4-bit keys, 2-bit values: what long contexts need
-SCALED = dataclasses.replace(ACCURATE, token_scales=True)  # a power of two per token and head before quantizing
+UNSCALED_KEYS4 = dataclasses.replace(UNSCALED, key_bits=4)
 LATER_OPTIONS = {"token_scales": False}  # options added after rows were measured, and their value back then
 LAYERS = dataclasses.replace(ACCURATE, mode="dequant")  # the defaults' storage, layer by layer (simulated)
 
@@ -59,23 +60,24 @@ def sweep_configs() -> list[KVConfig]:
     one_at_a_time = [dataclasses.replace(PAPER, **change) for change in
                      ({"ranges": "mse"}, {"rotate": True}, {"window": 128})]
     combined = [dataclasses.replace(PAPER, ranges="mse", rotate=True),
-                dataclasses.replace(PAPER, ranges="mse", window=128), PREVIOUS, FINER, SHORTER_WINDOW, ACCURATE, KEYS4,
-                SCALED]
+                dataclasses.replace(PAPER, ranges="mse", window=128), PREVIOUS, FINER, SHORTER_WINDOW, UNSCALED,
+                UNSCALED_KEYS4, ACCURATE, KEYS4]
     return [KVConfig(mode="fp16"), PAPER, dataclasses.replace(PAPER, mode="dequant"),
-            dataclasses.replace(PAPER, bits=4), *one_at_a_time, *combined, dataclasses.replace(ACCURATE, mode="dequant")]
+            dataclasses.replace(PAPER, bits=4), *one_at_a_time, *combined, dataclasses.replace(UNSCALED, mode="dequant"),
+            dataclasses.replace(ACCURATE, mode="dequant")]
 
 
 def agreement_configs() -> list[KVConfig]:
     """Held-out greedy agreement: the defaults, the paper's setting, and two near-lossless noise floors (4 bits;
     a window covering prompt and output, so that nothing is quantized and only the rotation's roundoff is left)."""
-    return [PAPER, PREVIOUS, SHORTER_WINDOW, ACCURATE, dataclasses.replace(PAPER, bits=4),
+    return [PAPER, PREVIOUS, SHORTER_WINDOW, UNSCALED, ACCURATE, dataclasses.replace(PAPER, bits=4),
             dataclasses.replace(PREVIOUS, window=512)]
 
 
 def long_configs() -> list[KVConfig]:
     """Perplexity with 2,048-token contexts, where most of what a token reads is in codes: fp16, the defaults and
     the window/partition choices around them (on both texts), the paper's setting and 4 bits (held-out only)."""
-    return [KVConfig(mode="fp16"), ACCURATE, SHORTER_WINDOW, PREVIOUS, FINER, KEYS4, SCALED]
+    return [KVConfig(mode="fp16"), ACCURATE, UNSCALED, SHORTER_WINDOW, PREVIOUS, FINER, KEYS4, UNSCALED_KEYS4]
 
 
 def heldout_long_configs() -> list[KVConfig]:
@@ -98,7 +100,7 @@ def rotation_configs() -> list[KVConfig]:
 
 
 def stress_configs() -> list[KVConfig]:
-    return [KVConfig(mode="fp16"), PAPER, dataclasses.replace(PAPER, ranges="mse", rotate=True), PREVIOUS, ACCURATE,
+    return [KVConfig(mode="fp16"), PAPER, dataclasses.replace(PAPER, ranges="mse", rotate=True), PREVIOUS, UNSCALED, ACCURATE,
             dataclasses.replace(PAPER, bits=4)]
 
 
@@ -129,7 +131,8 @@ class ResultLog:
         if self.path.exists():
             for line in self.path.read_text().splitlines():
                 row = json.loads(line)
-                self.rows[(row["kind"], config_key(KVConfig.from_dict(row["kv_config"])))] = row
+                config = KVConfig.from_dict(LATER_OPTIONS | row["kv_config"])  # a row without a later option
+                self.rows[(row["kind"], config_key(config))] = row  # was measured at its value back then
 
     def get(self, kind: str, config: KVConfig) -> dict | None:
         return self.rows.get((kind, config_key(config)))
@@ -390,7 +393,7 @@ def bytes_table(tokens: int = BYTES_AT) -> str:
     layers, heads, head_dim = LLAMA3_8B["num_layers"], LLAMA3_8B["num_kv_heads"], LLAMA3_8B["head_dim"]
     lines = ["| flags | memory MiB | wire MiB | memory % fp16 | wire % fp16 |", "|---|---|---|---|---|"]
     configs = [KVConfig(mode="fp16"), PAPER, *(dataclasses.replace(PAPER, window=w) for w in (64, 128)),
-               PREVIOUS, FINER, SHORTER_WINDOW, ACCURATE, KEYS4, SCALED, dataclasses.replace(PAPER, bits=4)]
+               PREVIOUS, FINER, SHORTER_WINDOW, UNSCALED, ACCURATE, KEYS4, dataclasses.replace(PAPER, bits=4)]
     for config in configs:
         layout = KVLayout(config, heads, head_dim)
         memory, wire = layout.memory_bytes(tokens, layers), layout.wire_bytes(tokens, layers)

@@ -137,7 +137,8 @@ def token_scales(cache: Cache, pages: torch.Tensor, n_paged: torch.Tensor,
     the paged scores are multiplied by K's, the paged probabilities by V's before P·V. Else empty."""
     if not config.token_scales:
         return {}
-    return {f"{part}_factor": torch_fast.paged_token_factors(cache, f"{part}_exp", pages, n_paged) for part in "kv"}
+    factors = torch_fast.paged_token_factors(cache, pages, n_paged)
+    return {"k_factor": factors["k"], "v_factor": factors["v"]}
 
 
 def read_pages(cache: Cache, pages: torch.Tensor, n_paged: torch.Tensor, config: KVConfig,

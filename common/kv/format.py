@@ -24,12 +24,14 @@ Per layer pool tensors, `nb` pages; a page holds bs tokens of one layer for all 
         k_sums        int16 [nb, Hkv, bs, D/Πd]    per token, per Πd-partition sum of K codes (both axes)
         v_scale/v_min fp16  [nb, Hkv, bs/Π, D]     V per channel over groups of Π tokens
         v_sums        int16 [nb, Hkv, bs/Π, D]     per channel, per token-group sum of V codes
-        k_exp, v_exp  int8  [nb, Hkv, bs, 1]       config.token_scales only: per token, the exponent e of the
-                                                   power of two its row was divided by before quantization
+        kv_exp        uint8 [nb, Hkv, bs, 1]       config.token_scales only: per token, the exponents e of the
+                                                   powers of two its K and V rows were divided by before
+                                                   quantization, 4-bit two's complement, K's in the low nibble
                                                    (`token_exponents`); the stored row is 2^e * (s*q + m)
     The *_sums tensors exist only with sum_elimination (else attention recomputes them from the codes).
 Token scales (config.token_scales): e = round(log2(max |x|)) over the token's row of one KV head (0 for a zero
-row), so the scaled row x / 2^e has its largest magnitude in [2^-0.5, 2^0.5); scaling by a power of two is exact.
+row), clamped to [-8, 7] (one nibble; SmolLM2's rows span -5..4), so the scaled row x / 2^e has its largest
+magnitude in [2^-0.5, 2^0.5) unless clamped; scaling by a power of two is exact, and a clamped e is still exact.
 Per-channel groups of Π tokens then quantize rows of equal magnitude: a small token keeps its own resolution
 instead of the group's largest token's. Attention stays on the codes: token t's score is 2^e_t times the score
 of its scaled row (q·k_t = 2^e_t q·k'_t), and P·V = (P diag(2^e))·V', P scaled before it is quantized.
@@ -312,7 +314,7 @@ class KVLayout:
             PageField("v_min", STORAGE_DTYPE, pi, d),
         ]
         if cfg.token_scales:
-            fields += [PageField("k_exp", torch.int8, 1, 1), PageField("v_exp", torch.int8, 1, 1)]
+            fields += [PageField("kv_exp", torch.uint8, 1, 1)]
         if cfg.sum_elimination if with_sums is None else with_sums:
             fields += [PageField("k_sums", torch.int16, 1, d // pd), PageField("v_sums", torch.int16, pi, d)]
         return fields
@@ -388,8 +390,9 @@ def quantize_tokens(
     pd = config.head_partition(d)
     rows: dict[str, torch.Tensor] = {}
     if config.token_scales:
-        rows["k_exp"], rows["v_exp"] = token_exponents(k), token_exponents(v)
-        k, v = torch.ldexp(k.float(), -rows["k_exp"].float()), torch.ldexp(v.float(), -rows["v_exp"].float())
+        k_exp, v_exp = token_exponents(k), token_exponents(v)
+        rows["kv_exp"] = (k_exp & 15 | v_exp << 4).view(torch.uint8)
+        k, v = torch.ldexp(k.float(), -k_exp.float()), torch.ldexp(v.float(), -v_exp.float())
     if config.key_axis == "token":
         kq = quantize(k.unflatten(-1, (-1, pd)), k_bits, config.rounding, generator, ranges=config.ranges)
         k_codes = kq.codes.flatten(-2)
@@ -405,19 +408,21 @@ def quantize_tokens(
     return rows
 
 
-EXPONENT_RANGE = (-100, 100)  # token exponents stay where fp32 scaling is exact (and within int8)
+EXPONENT_RANGE = (-8, 7)  # a token exponent is a 4-bit two's complement nibble of kv_exp
 
 
 def token_exponents(x: torch.Tensor) -> torch.Tensor:
-    """int8 [..., n, 1]: per row of x [..., n, D], round(log2(max |x|)), 0 for a zero row (module doc)."""
+    """int8 [..., n, 1]: per row of x [..., n, D], round(log2(max |x|)) clamped to EXPONENT_RANGE, 0 for a zero
+    row (module doc)."""
     peak = x.detach().abs().amax(-1, keepdim=True).float()
     exponent = torch.where(peak > 0, torch.log2(peak).round(), torch.zeros_like(peak))
     return exponent.clamp(*EXPONENT_RANGE).to(torch.int8)
 
 
-def token_factors(exponents: torch.Tensor) -> torch.Tensor:
-    """fp32 2^e of stored exponents (int8 [..., n, 1])."""
-    return torch.ldexp(torch.ones_like(exponents, dtype=torch.float32), exponents.float())
+def token_factors(kv_exp: torch.Tensor, part: str) -> torch.Tensor:
+    """fp32 2^e of K's (part "k") or V's ("v") exponents in stored kv_exp bytes (uint8, any shape)."""
+    nibble = kv_exp.to(torch.int32) >> (4 if part == "v" else 0) & 15
+    return torch.exp2((nibble - 16 * (nibble >> 3)).float())
 
 
 def _quantize_token_groups(

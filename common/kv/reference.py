@@ -249,7 +249,7 @@ def _gather_paged(cache: Cache, block_table: torch.Tensor, n_paged: int, config:
     if config.sum_elimination:
         names += ["k_sums", "v_sums"]
     if config.token_scales:
-        names += ["k_exp", "v_exp"]
+        names += ["kv_exp"]
     paged = {name: gather_rows(cache, name, block_table, 0, n_paged, config.block_size) for name in names}
     paged["k_codes"] = unpack_codes(paged["k_codes"], config.k_bits)
     paged["v_codes"] = unpack_codes(paged["v_codes"], config.bits)
@@ -263,7 +263,7 @@ def hack_scores(qh: torch.Tensor, paged: dict[str, torch.Tensor], config: KVConf
     of the scaled rows times each token's 2^e."""
     scores = _scaled_row_scores(qh, paged, config, product_dtype)
     if config.token_scales:
-        scores = scores * token_factors(paged["k_exp"]).mT
+        scores = scores * token_factors(paged["kv_exp"], "k").mT
     return scores
 
 
@@ -300,7 +300,7 @@ def hack_pv(p: torch.Tensor, paged: dict[str, torch.Tensor], config: KVConfig,
     product_dtype as in hack_scores). With token scales, P times each token's 2^e is what is quantized."""
     codes = paged["v_codes"]
     if config.token_scales:
-        p = p * token_factors(paged["v_exp"]).mT
+        p = p * token_factors(paged["kv_exp"], "v").mT
     hkv, m, n = p.shape
     if n == 0:
         return p.new_zeros((hkv, m, codes.shape[-1]))
@@ -348,7 +348,7 @@ def dequantize_paged(paged: dict[str, torch.Tensor], config: KVConfig) -> tuple[
         k = _dequantize_token_groups(paged["k_codes"], paged["k_scale"], paged["k_min"], config.partition)
     v = _dequantize_token_groups(paged["v_codes"], paged["v_scale"], paged["v_min"], config.partition)
     if config.token_scales:
-        k, v = k * token_factors(paged["k_exp"]), v * token_factors(paged["v_exp"])
+        k, v = k * token_factors(paged["kv_exp"], "k"), v * token_factors(paged["kv_exp"], "v")
     return k, v
 
 

@@ -59,13 +59,13 @@ def gather_pages(field: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
     return field[pages].transpose(1, 2).flatten(2, 3)
 
 
-def paged_token_factors(cache: Cache, name: str, pages: torch.Tensor, n_paged: torch.Tensor) -> torch.Tensor:
-    """fp32 [B*Hkv, L] 2^e of the token exponents `name` ("k_exp"/"v_exp") on the pages [B, np] (L = np x
-    block_size); 1 past each sequence's n_paged tokens (a stale exponent could scale to inf)."""
-    exponents = gather_pages(cache[name], pages)  # [B, Hkv, L, 1]
+def paged_token_factors(cache: Cache, pages: torch.Tensor, n_paged: torch.Tensor) -> dict[str, torch.Tensor]:
+    """fp32 [B*Hkv, L] 2^e of K's ("k") and V's ("v") token exponents on the pages [B, np] (L = np x
+    block_size); 1 past each sequence's n_paged tokens (stale bytes there are not exponents)."""
+    exponents = gather_pages(cache["kv_exp"], pages)  # [B, Hkv, L, 1]
     slots = torch.arange(exponents.shape[2], device=n_paged.device)[None, :]
-    zero_rows_(exponents, slots < n_paged[:, None])
-    return token_factors(exponents.flatten(0, 1).squeeze(-1))
+    exponents = zero_rows_(exponents, slots < n_paged[:, None]).flatten(0, 1).squeeze(-1)
+    return {part: token_factors(exponents, part) for part in "kv"}
 
 
 def zero_rows_(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -367,7 +367,7 @@ def read_pages(cache: Cache, block_tables: torch.Tensor, n_paged: torch.Tensor,
     if config.sum_elimination:
         names += ["k_sums", "v_sums"]
     if config.token_scales:
-        names += ["k_exp", "v_exp"]
+        names += ["kv_exp"]
     pages = page_ids(block_tables, n_paged, config.block_size)
     paged = {name: gather_pages(cache[name], pages) for name in names}  # [B, Hkv, rows, w]
     slots = torch.arange(paged["k_codes"].shape[2], device=n_paged.device)[None, :]
@@ -377,7 +377,7 @@ def read_pages(cache: Cache, block_tables: torch.Tensor, n_paged: torch.Tensor,
     for name in group_fields:
         if name in paged:
             zero_rows_(paged[name], stored_groups)
-    for name in ("v_codes", "k_exp", "v_exp"):  # an unstored token's stale exponent could scale to inf
+    for name in ("v_codes", "kv_exp"):  # an unstored token's stale byte is no exponent
         if name in paged:
             zero_rows_(paged[name], slots < n_paged[:, None])
     paged["k_codes"] = unpack_float(paged["k_codes"], config.k_bits)
@@ -414,7 +414,7 @@ def hack_scores(qh: torch.Tensor, paged: dict[str, torch.Tensor], config: KVConf
         return reference.hack_scores(qh, paged, config, product_dtype=torch.float32)
     scores = _channel_scores(qh, paged, config)
     if config.token_scales:
-        scores.mul_(token_factors(paged["k_exp"]).mT)
+        scores.mul_(token_factors(paged["kv_exp"], "k").mT)
     return scores
 
 

@@ -242,10 +242,10 @@ def sum_tensors(cache: dict[str, torch.Tensor], config: KVConfig) -> tuple[torch
 
 
 def exp_tensors(cache: dict[str, torch.Tensor], config: KVConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k_exp, v_exp) pointers for a kernel; without token scales the kernel never reads them, so the code
-    tensors stand in."""
+    """(K's, V's) token-exponent pointers for a kernel: both kv_exp (a nibble each); without token scales the
+    kernel never reads them, so the code tensors stand in."""
     if config.token_scales:
-        return cache["k_exp"], cache["v_exp"]
+        return cache["kv_exp"], cache["kv_exp"]
     return cache["k_codes"], cache["v_codes"]
 
 

@@ -49,9 +49,11 @@ def value_codes(v_codes_ptr, token_rows, key_valid, D: tl.constexpr, BITS: tl.co
 
 
 @triton.jit
-def token_factors(exp_ptr, token_rows, valid):
-    """2^e of the tokens' stored exponents (format.py token scales), fp32 [N]; 1 for invalid tokens."""
-    return tl.exp2(tl.load(exp_ptr + token_rows, mask=valid, other=0).to(tl.float32))
+def token_factors(exp_ptr, token_rows, valid, SHIFT: tl.constexpr):
+    """2^e of the tokens' stored exponents (format.py token scales: the nibble at bit SHIFT of kv_exp, 0 for K
+    and 4 for V), fp32 [N]; 1 for invalid tokens."""
+    nibble = (tl.load(exp_ptr + token_rows, mask=valid, other=0).to(tl.int32) >> SHIFT) & 15
+    return tl.exp2(tl.where(nibble >= 8, nibble - 16, nibble).to(tl.float32))
 
 
 @triton.jit
@@ -83,8 +85,8 @@ def dequantized_group(k_codes_ptr, k_scale_ptr, k_min_ptr, v_codes_ptr, v_scale_
     values = value_codes(v_codes_ptr, token_rows, valid, D, BITS).to(tl.float32) * v_scale + v_min
     keys = codes.to(tl.float32) * k_scale + k_min
     if TOKEN_SCALES:
-        keys = keys * token_factors(k_exp_ptr, token_rows, valid)[None, :]
-        values = values * token_factors(v_exp_ptr, token_rows, valid)[:, None]
+        keys = keys * token_factors(k_exp_ptr, token_rows, valid, 0)[None, :]
+        values = values * token_factors(v_exp_ptr, token_rows, valid, 4)[:, None]
     return keys, values
 
 
@@ -127,7 +129,7 @@ def hack_scores(q3, q_codes, q_scale, q_min, q_sum, k_codes_ptr, k_scale_ptr, k_
                     + q_min * (k_scale * k_sum + PD * k_min))
         scores = tl.sum(per_part, axis=0)
     if TOKEN_SCALES:
-        scores = scores * token_factors(k_exp_ptr, token_rows, key_valid)[None, :]
+        scores = scores * token_factors(k_exp_ptr, token_rows, key_valid, 0)[None, :]
     return scores
 
 
@@ -140,7 +142,7 @@ def hack_pv(p, v_codes_ptr, v_scale_ptr, v_min_ptr, v_sums_ptr, v_exp_ptr, head_
     tokens = tl.arange(0, PI)
     token_rows = head_page * BS + slot0 + tokens
     if TOKEN_SCALES:
-        p = p * token_factors(v_exp_ptr, token_rows, tokens < n_valid)[None, :]
+        p = p * token_factors(v_exp_ptr, token_rows, tokens < n_valid, 4)[None, :]
     codes = value_codes(v_codes_ptr, token_rows, tokens < n_valid, D, BITS)  # [Π, D]
     group_channels = (head_page * (BS // PI) + slot0 // PI) * D + tl.arange(0, D)[None, :]
     v_scale = tl.load(v_scale_ptr + group_channels).to(tl.float32)

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from bench.accuracy_sweep import (ACCURATE, LAYERS, LLAMA3_8B, PAPER, PREVIOUS, SHORTER_WINDOW, ResultLog, Shard,
+from bench.accuracy_sweep import (ACCURATE, LAYERS, LLAMA3_8B, PAPER, PREVIOUS, SHORTER_WINDOW, UNSCALED, ResultLog,
+                                  Shard,
                                   agreement_configs, agreement_table, byte_shares, bytes_table, layers_table,
                                   mean_wire_share, pareto_front, pareto_table, rotation_configs, stress_configs,
                                   sweep_configs, tune_agreement_configs)
@@ -71,21 +72,24 @@ def test_pareto_table_rows_compare_with_fp16(tmp_path) -> None:
     paper = next(line for line in lines if "--window 0" in line)
     assert "| 12.000 | +50.0% | 5.000 | +25.0% |" in paper and paper.endswith("| yes |")
     accurate = next(line for line in lines if line.startswith("| `--kv-mode hack` "))
-    assert "| 8.200 | +2.5% | 4.100 | +2.5% |" in accurate and "| 19.44 | 22.75 |" in accurate
+    assert "| 8.200 | +2.5% | 4.100 | +2.5% |" in accurate and "| 19.62 | 22.95 |" in accurate
 
 
 def test_byte_shares_at_4096_tokens() -> None:
     # Llama-3-8B shape, 2 bits, Π=64: 4 sinks, 63 quantized partitions, a 60-token tail (see docs/accuracy.md)
     assert round(byte_shares(PAPER, 32, 8, 128)[0], 2) == 16.96
     assert round(byte_shares(PREVIOUS, 32, 8, 128)[0], 2) == 19.59
-    # the defaults, Π=128 and a 192-token window: fewer wire bytes at 4,096 tokens than Π=64 and 128; 160 tokens
-    # (the defaults before) have the same wire bytes there and less memory
-    wire, memory = byte_shares(ACCURATE, 32, 8, 128)
-    assert wire <= 20 and round(wire, 2) == 19.44 and round(memory, 2) == 22.75
+    # Π=128 and a 192-token window: fewer wire bytes at 4,096 tokens than Π=64 and 128; 160 tokens (the defaults
+    # before) have the same wire bytes there and less memory; token scales (the defaults) add a byte per token
+    wire, memory = byte_shares(UNSCALED, 32, 8, 128)
+    assert round(wire, 2) == 19.44 and round(memory, 2) == 22.75
     assert byte_shares(SHORTER_WINDOW, 32, 8, 128) == (wire, byte_shares(PREVIOUS, 32, 8, 128)[1])
-    assert mean_wire_share(SHORTER_WINDOW, 32, 8, 128) < mean_wire_share(ACCURATE, 32, 8, 128) < 20
+    assert mean_wire_share(SHORTER_WINDOW, 32, 8, 128) < mean_wire_share(UNSCALED, 32, 8, 128) < 20
+    wire, memory = byte_shares(ACCURATE, 32, 8, 128)
+    assert round(wire, 2) == 19.62 and round(memory, 2) == 22.95 and mean_wire_share(ACCURATE, 32, 8, 128) < 20
+    assert byte_shares(ACCURATE, **SMOLLM2)[0] < 20  # the measured model's own shape too
     table = bytes_table()
-    assert "| `--kv-mode hack` | 116.5 | 99.5 | 22.75 | 19.44 |" in table
+    assert "| `--kv-mode hack` | 117.5 | 100.5 | 22.95 | 19.62 |" in table
 
 
 def test_agreement_table_joins_held_out_and_tuning_rows(tmp_path) -> None:
@@ -98,10 +102,10 @@ def test_agreement_table_joins_held_out_and_tuning_rows(tmp_path) -> None:
     log.get_or_run("tune_agreement", PAPER, lambda: old)  # a row from before the teacher-forced measures
     lines = agreement_table(log).splitlines()
     assert len(lines) == 4 and set(agreement_configs()) <= set(tune_agreement_configs())
-    assert lines[2].startswith("| `--kv-mode hack --partition 64 --ranges minmax --window 0 --no-rotate` "
-                               "| - | - | - | - | - | 20.5 / 64 | 25% | - | 32 |")
+    assert lines[2].startswith("| `--kv-mode hack --partition 64 --ranges minmax --window 0 --no-rotate "
+                               "--no-token-scales` | - | - | - | - | - | 20.5 / 64 | 25% | - | 32 |")
     assert lines[3].startswith("| `--kv-mode hack` | 20.5 / 64 | 25% | 90.0% | 0.31 (all: 4.50) | 32 "
-                               "| 30.0 / 64 | 25% | 90.0% | 16 | 19.44 |")
+                               "| 30.0 / 64 | 25% | 90.0% | 16 | 19.62 |")
 
 
 def test_mean_wire_share_counts_the_window_over_whole_partition_cycles() -> None:
@@ -125,3 +129,13 @@ def test_layers_table_ranks_the_layers_that_carry_the_loss(tmp_path) -> None:
         "| all layers", "| all layers, K only", "| all layers, V only", "| layer 1 alone", "| layer 3 alone",
         "| each of the other 2 layers alone"]
     assert lines[-1].endswith("| -0.02% to +0.04% |") and "| 10.090 | +0.90% |" in lines[6]
+
+
+def test_rows_measured_before_a_later_option_keep_their_configuration(tmp_path) -> None:
+    """A results row without token_scales (measured before the option existed) is the configuration without
+    them, not the new default's."""
+    path = tmp_path / "r.jsonl"
+    old = {k: v for k, v in dataclasses.asdict(UNSCALED).items() if k != "token_scales"}
+    path.write_text(json.dumps({"kind": "heldout", "perplexity": 5.0, "kv_config": old}) + "\n")
+    log = ResultLog(path)
+    assert log.get("heldout", UNSCALED)["perplexity"] == 5.0 and log.get("heldout", ACCURATE) is None

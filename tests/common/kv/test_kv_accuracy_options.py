@@ -21,7 +21,7 @@ from common.kv import ops, reference, torch_fast
 from common.kv.config import PAPER_SETTING, KVConfig
 from common.kv.factory import make_kv_backend
 from common.kv.format import (KVLayout, dequantize, quantize, quantize_tokens, rotation_matrices, split_tokens,
-                              unpack_codes)
+                              token_factors, unpack_codes)
 from common.kv.interface import ForwardBatch
 from common.kv.pool import KVPool
 from tests.common.kv.triton_support import (HOMOMORPHIC, Tolerance, assert_attention_close, cumulative, fresh_seed,
@@ -46,7 +46,7 @@ def test_window_split(num_tokens, window, expected) -> None:
 def test_window_is_validated_and_sizes_the_tail() -> None:
     with pytest.raises(ValueError, match="window must be >= 0"):
         KVConfig(window=-1)
-    layout = KVLayout(KVConfig(partition=32, window=20), 3, 8)
+    layout = KVLayout(KVConfig(partition=32, window=20, token_scales=False), 3, 8)
     assert layout.state_shapes()["tail_k"] == (3, 52, 8)
     assert layout.state_bytes == 2 * 3 * (4 + 52) * 8 * 2
     no_window = KVLayout(KVConfig(**PAPER_SETTING, partition=32), 3, 8)
@@ -254,7 +254,7 @@ def test_options_flags_round_trip() -> None:
 
 def test_key_bits_size_k_codes_and_cut_the_attention_error() -> None:
     """4-bit keys: K codes twice as wide, V's unchanged, the wire identity says so; less error than 2-bit keys."""
-    two, four = KVConfig(partition=32, window=0), KVConfig(partition=32, window=0, key_bits=4)
+    two, four = (KVConfig(partition=32, window=0, key_bits=bits, token_scales=False) for bits in (0, 4))
     widths = [{f.name: f.width for f in KVLayout(c, 3, 64).page_fields()} for c in (two, four)]
     assert widths[1]["k_codes"] == 2 * widths[0]["k_codes"] and widths[1]["v_codes"] == widths[0]["v_codes"]
     assert "key_bits=4" in four.wire_identity and "key_bits" not in two.wire_identity
@@ -278,15 +278,16 @@ def test_key_bits_size_k_codes_and_cut_the_attention_error() -> None:
 
 
 def test_token_scales_store_exponents_and_keep_small_tokens_resolution() -> None:
-    """Rows of very different magnitudes in one group: each token's exponent is round(log2(max |x|)), the
-    stored rows are 2^e times the codes' values, and small tokens keep their own resolution."""
+    """Rows of very different magnitudes in one group: each token's exponent is round(log2(max |x|)) clamped to
+    a nibble (K's low, V's high in kv_exp), the stored rows are 2^e times the codes' values, and small tokens keep
+    their own resolution."""
     gen = torch.Generator().manual_seed(fresh_seed())
-    magnitudes = torch.exp2(torch.randint(-6, 6, (2, 128, 1), generator=gen).float())
+    magnitudes = torch.exp2(torch.randint(-9, 7, (2, 128, 1), generator=gen).float())
     k, v = (torch.randn(2, 128, 64, generator=gen) * magnitudes for _ in "kv")
-    plain, scaled = KVConfig(partition=64), KVConfig(partition=64, token_scales=True)
+    plain, scaled = KVConfig(partition=64, token_scales=False), KVConfig(partition=64, token_scales=True)
     assert "token_scales" in scaled.wire_identity and "token_scales" not in plain.wire_identity
     fields = [f.name for f in KVLayout(scaled, 2, 64).page_fields()]
-    assert {"k_exp", "v_exp"} <= set(fields) and "k_exp" not in [f.name for f in KVLayout(plain, 2, 64).page_fields()]
+    assert "kv_exp" in fields and "kv_exp" not in [f.name for f in KVLayout(plain, 2, 64).page_fields()]
     errors = []
     for config in (plain, scaled):
         rows = quantize_tokens(k, v, config)
@@ -294,8 +295,10 @@ def test_token_scales_store_exponents_and_keep_small_tokens_resolution() -> None
         back_k, back_v = reference.dequantize_paged(paged, config)
         relative = ((back_k - k).norm(dim=-1) / k.norm(dim=-1)).mean() + ((back_v - v).norm(dim=-1) / v.norm(dim=-1)).mean()
         errors.append(float(relative))
-    assert torch.equal(rows["k_exp"].float(), torch.log2(k.abs().amax(-1, keepdim=True)).round())
-    assert rows["v_exp"].dtype == torch.int8 and rows["v_exp"].shape == (2, 128, 1)
+    for part, x in (("k", k), ("v", v)):
+        expected = torch.exp2(torch.log2(x.abs().amax(-1, keepdim=True)).round().clamp(-8, 7))
+        assert torch.equal(token_factors(rows["kv_exp"], part), expected), part
+    assert rows["kv_exp"].dtype == torch.uint8 and rows["kv_exp"].shape == (2, 128, 1)
     assert errors[1] < 0.5 * errors[0], errors
 
 
@@ -314,10 +317,10 @@ def test_token_scales_hack_attends_on_the_codes_as_dequant(seq_lens) -> None:
         gaps.append(float((reference.hack_attention(*args) - reference.dequant_attention(*args)).abs().mean()))
     assert gaps[1] < 2 * gaps[0] + 1e-6, (seed, gaps)
     zero = quantize_tokens(torch.zeros(1, 32, 64), torch.zeros(1, 32, 64), config)
-    assert not zero["k_exp"].any() and not zero["v_exp"].any()
+    assert not zero["kv_exp"].any()
 
 
 def test_token_scales_are_a_store_kernel_gap_only() -> None:
     """The attention kernels read the exponents; the Triton append kernel does not write them (torch_fast does)."""
-    assert "token scales" in ops.store_kernel_gap(KVConfig(**PAPER_SETTING, token_scales=True), 64)
+    assert "token scales" in ops.store_kernel_gap(KVConfig(**(PAPER_SETTING | {"token_scales": True})), 64)
     assert ops.kernel_gap(KVConfig(token_scales=True), 64) is None

@@ -14,7 +14,7 @@ import torch
 
 from common.kv import cpu_ops, native, reference
 from common.kv.config import KVConfig
-from tests.common.kv.test_cpu_ops import FORWARDS, HACK
+from tests.common.kv.test_cpu_ops import FORWARDS, hack_tolerance
 from tests.common.kv.test_torch_fast import compressed_args
 from tests.common.kv.triton_support import Tolerance, assert_attention_close
 
@@ -56,7 +56,7 @@ def test_native_attention_matches_reference(config, num_kv_heads, group, head_di
         torch.set_num_threads(previous)
     assert all(torch.equal(a, b) for a, b in zip(args[:5], before)), "the op wrote into its inputs"
     assert out.shape == args[0].shape and out.dtype == args[0].dtype
-    assert_attention_close(out, reference.hack_attention(*args), HACK)
+    assert_attention_close(out, reference.hack_attention(*args), hack_tolerance(config))
 
 
 @needs_native
@@ -77,8 +77,9 @@ def test_native_prefill_in_small_blocks(monkeypatch):
     """Prefill in blocks of a few queries: each block's products stop at the groups its last query sees."""
     monkeypatch.setattr(cpu_ops, "BLOCK_ELEMENTS", 1)
     seq_lens = [130, 1, 17, 64]
-    args = compressed_args(KVConfig(partition=32, window=0), 1, 3, 64, seq_lens, seq_lens)
-    assert_attention_close(cpu_ops.hack_attention(*args), reference.hack_attention(*args), HACK)
+    config = KVConfig(partition=32, window=0)
+    args = compressed_args(config, 1, 3, 64, seq_lens, seq_lens)
+    assert_attention_close(cpu_ops.hack_attention(*args), reference.hack_attention(*args), hack_tolerance(config))
 
 
 @needs_native
@@ -98,8 +99,9 @@ def test_without_a_compiler_attention_runs_the_torch_ops(monkeypatch, caplog):
             assert native.library() is None
         assert "native CPU kernels unavailable" in caplog.text
         assert not cpu_ops.native_ok(KVConfig(window=0), 64)
-        args = compressed_args(KVConfig(partition=64, window=0), 1, 3, 64, [150, 1], [1, 1])
-        assert_attention_close(cpu_ops.hack_attention(*args), reference.hack_attention(*args), HACK)
+        config = KVConfig(partition=64, window=0)
+        args = compressed_args(config, 1, 3, 64, [150, 1], [1, 1])
+        assert_attention_close(cpu_ops.hack_attention(*args), reference.hack_attention(*args), hack_tolerance(config))
     finally:
         native.library.cache_clear()
 

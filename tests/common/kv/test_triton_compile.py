@@ -85,7 +85,7 @@ def _launch_every_kernel() -> None:
         (KVConfig(**PAPER_SETTING, partition=64, key_axis="channel", num_sinks=4), 8, 4, 128, 3, True),  # Llama-3-8B, default format
         (KVConfig(**PAPER_SETTING, partition=32, bits=8, key_axis="token", num_sinks=0, sum_elimination=False,
                   requant_elimination=False), 2, 8, 64, 1, True),
-        (KVConfig(**PAPER_SETTING, partition=64, key_axis="channel", num_sinks=4, key_bits=4, token_scales=True), 8,
+        (KVConfig(**(PAPER_SETTING | {"token_scales": True}), partition=64, num_sinks=4, key_bits=4), 8,
          4, 128, 3, False),  # the same with 4-bit keys over 2-bit values and token scales
         (KVConfig(partition=32, key_axis="token", num_sinks=0, window=8, key_bits=4), 4, 2, 8, 1, False),  # tiny
         # heads (no tl.dot), K codes of their own width

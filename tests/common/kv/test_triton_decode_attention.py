@@ -37,7 +37,7 @@ CASES = [
                  [17, 1, 70], None, id="gqa3-token-k8-v2"),
     pytest.param(KVConfig(partition=32, num_sinks=2, window=40, token_scales=True), 1, 3, 32, [1, 17, 130], 2,
                  id="gqa3-token-scales-window"),
-    pytest.param(KVConfig(**PAPER_SETTING, partition=32, key_axis="token", token_scales=True, num_sinks=0), 1, 3, 32,
+    pytest.param(KVConfig(**(PAPER_SETTING | {"token_scales": True}), partition=32, key_axis="token", num_sinks=0), 1, 3, 32,
                  [17, 1, 70], None, id="gqa3-token-axis-token-scales"),
 ]
 

@@ -89,7 +89,7 @@ def test_append_rejects_what_it_cannot_store():
     with pytest.raises(ValueError, match="nearest rounding"):
         append.quantize_append(k, k, **args, config=KVConfig(**PAPER_SETTING, partition=32, rounding="stochastic"))
     with pytest.raises(ValueError, match="token scales"):
-        append.quantize_append(k, k, **args, config=KVConfig(**PAPER_SETTING, partition=32, token_scales=True))
+        append.quantize_append(k, k, **args, config=KVConfig(**(PAPER_SETTING | {"token_scales": True}), partition=32))
     with pytest.raises(ValueError, match="block_tables"):
         append.quantize_append(k, k, **(args | dict(block_tables=args["block_tables"].float())), config=config)
     with pytest.raises(ValueError, match="k_codes"):  # a pool built for another head_dim
