@@ -122,23 +122,25 @@ def read_keys(cache: Cache, seq_lens: torch.Tensor, block_tables: torch.Tensor, 
     sink_k, sink_v, _ = torch_fast.read_state(cache, "sink", state_slots, n_sinks)
     tail_k, tail_v, _ = torch_fast.read_state(cache, "tail", state_slots, n_tail)
     filled = -(-int(n_paged.max()) // config.block_size)
-    page_ids = torch_fast.page_ids(block_tables[:, :filled], n_paged, config.block_size)
     if layout == "native":  # the C products read the pages in place
-        pages = {"tables": block_tables.to(torch.int32).contiguous()} | token_scales(cache, page_ids, n_paged, config)
+        pages = {"tables": block_tables.to(torch.int32).contiguous()}
+        pages |= token_scales(cache, block_tables[:, :filled], n_paged, config)
     else:
-        pages = read_pages(cache, page_ids, n_paged, config, layout)
+        pages = read_pages(cache, torch_fast.page_ids(block_tables[:, :filled], n_paged, config.block_size),
+                           n_paged, config, layout)
     groups = filled * config.block_size // config.partition
     return Keys(sink_k, sink_v, tail_k, tail_v, pages, n_sinks, n_paged, n_tail, groups, config.partition)
 
 
-def token_scales(cache: Cache, pages: torch.Tensor, n_paged: torch.Tensor,
+def token_scales(cache: Cache, block_tables: torch.Tensor, n_paged: torch.Tensor,
                  config: KVConfig) -> dict[str, torch.Tensor]:
-    """With config.token_scales, "k_factor" and "v_factor": fp32 [BH, L] 2^e of each paged token (format.py):
-    the paged scores are multiplied by K's, the paged probabilities by V's before P·V. Else empty."""
+    """With config.token_scales, "k_factor" and "v_factor": fp32 [BH, L] 2^e of each token on the pages of
+    block_tables [B, np] (format.py): the paged scores are multiplied by K's, the paged probabilities by V's
+    before P·V. Else empty."""
     if not config.token_scales:
         return {}
-    factors = torch_fast.paged_token_factors(cache, pages, n_paged)
-    return {"k_factor": factors["k"], "v_factor": factors["v"]}
+    pages = torch_fast.page_ids(block_tables, n_paged, config.block_size)
+    return torch_fast.paged_token_factors(cache, pages)
 
 
 def read_pages(cache: Cache, pages: torch.Tensor, n_paged: torch.Tensor, config: KVConfig,
@@ -176,7 +178,8 @@ def read_pages(cache: Cache, pages: torch.Tensor, n_paged: torch.Tensor, config:
     if not config.sum_elimination and not bool(stored.all()):
         v_codes = v_codes.masked_fill(~stored[:, None, :, :, None], 0)
     out = {"order": orders["k"][0], "inverse": orders["v"][1], "v_min": params["v_min"]}
-    out |= token_scales(cache, pages, n_paged, config)
+    if config.token_scales:
+        out |= torch_fast.paged_token_factors(cache, pages)
     out["v"] = _scale_groups(v_codes, params["v_scale"], params["v_min"] if layout == "dequant" else None)
     v_sums = params["v_sums"] if config.sum_elimination else \
         v_codes.sum(3, dtype=torch.float32).view(batch * heads, groups, head_dim)
@@ -392,8 +395,7 @@ def _native_hack_decode(q: torch.Tensor, seq_lens: torch.Tensor, block_tables: t
     sinks, paged, tail = sink_k.shape[1], int(n_paged.max()), tail_k.shape[1]
     k_geometry, v_geometry = (_geometry(cache, block_tables, config, rows, head_dim, bits)
                               for bits in (config.k_bits, config.bits))
-    pages = token_scales(cache, torch_fast.page_ids(block_tables[:, : -(-paged // config.block_size)], n_paged,
-                                                    config.block_size), n_paged, config)
+    pages = token_scales(cache, block_tables[:, : -(-paged // config.block_size)], n_paged, config)
     tables, n_paged = block_tables.to(torch.int32).contiguous(), n_paged.contiguous()
     scores = qh.new_empty((qh.shape[0], rows, sinks + paged + tail))
     torch.bmm(qh, sink_k.mT, out=scores[:, :, :sinks])

@@ -67,6 +67,7 @@ Sums are not sent: the receiver recomputes them from the codes.
 """
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from dataclasses import dataclass
@@ -419,10 +420,18 @@ def token_exponents(x: torch.Tensor) -> torch.Tensor:
     return exponent.clamp(*EXPONENT_RANGE).to(torch.int8)
 
 
-def token_factors(kv_exp: torch.Tensor, part: str) -> torch.Tensor:
-    """fp32 2^e of K's (part "k") or V's ("v") exponents in stored kv_exp bytes (uint8, any shape)."""
-    nibble = kv_exp.to(torch.int32) >> (4 if part == "v" else 0) & 15
-    return torch.exp2((nibble - 16 * (nibble >> 3)).float())
+@functools.cache
+def _factor_table(device: torch.device) -> torch.Tensor:
+    """fp32 [256, 2]: 2^e of K's (low nibble) and V's (high nibble) exponent for each kv_exp byte."""
+    nibbles = torch.stack([torch.arange(256) & 15, torch.arange(256) >> 4], dim=1)
+    return torch.exp2((nibbles - 16 * (nibbles >> 3)).float()).to(device)
+
+
+def token_factors(kv_exp: torch.Tensor, part: str | None = None) -> torch.Tensor:
+    """fp32 2^e of K's (part "k") or V's ("v") exponents in stored kv_exp bytes (uint8, any shape), or both
+    stacked on a new last dim (part None): one lookup. Always finite (2^-8 to 2^7), whatever the byte."""
+    both = _factor_table(kv_exp.device)[kv_exp.long()]
+    return both if part is None else both[..., "kv".index(part)]
 
 
 def _quantize_token_groups(

@@ -59,13 +59,12 @@ def gather_pages(field: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
     return field[pages].transpose(1, 2).flatten(2, 3)
 
 
-def paged_token_factors(cache: Cache, pages: torch.Tensor, n_paged: torch.Tensor) -> dict[str, torch.Tensor]:
-    """fp32 [B*Hkv, L] 2^e of K's ("k") and V's ("v") token exponents on the pages [B, np] (L = np x
-    block_size); 1 past each sequence's n_paged tokens (stale bytes there are not exponents)."""
-    exponents = gather_pages(cache["kv_exp"], pages)  # [B, Hkv, L, 1]
-    slots = torch.arange(exponents.shape[2], device=n_paged.device)[None, :]
-    exponents = zero_rows_(exponents, slots < n_paged[:, None]).flatten(0, 1).squeeze(-1)
-    return {part: token_factors(exponents, part) for part in "kv"}
+def paged_token_factors(cache: Cache, pages: torch.Tensor) -> dict[str, torch.Tensor]:
+    """fp32 [B*Hkv, L] 2^e of K's ("k_factor") and V's ("v_factor") token exponents on the pages [B, np]
+    (L = np x block_size). Past a sequence's stored tokens they are stale but finite (a nibble's 2^e): those
+    scores are masked and those probabilities zero."""
+    both = token_factors(gather_pages(cache["kv_exp"], pages).flatten(0, 1).squeeze(-1))  # [B*Hkv, L, 2]
+    return {"k_factor": both[..., 0], "v_factor": both[..., 1]}
 
 
 def zero_rows_(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
