@@ -122,25 +122,13 @@ def read_keys(cache: Cache, seq_lens: torch.Tensor, block_tables: torch.Tensor, 
     sink_k, sink_v, _ = torch_fast.read_state(cache, "sink", state_slots, n_sinks)
     tail_k, tail_v, _ = torch_fast.read_state(cache, "tail", state_slots, n_tail)
     filled = -(-int(n_paged.max()) // config.block_size)
-    if layout == "native":  # the C products read the pages in place
+    if layout == "native":  # the C products read the pages (and token scales) in place
         pages = {"tables": block_tables.to(torch.int32).contiguous()}
-        pages |= token_scales(cache, block_tables[:, :filled], n_paged, config)
     else:
         pages = read_pages(cache, torch_fast.page_ids(block_tables[:, :filled], n_paged, config.block_size),
                            n_paged, config, layout)
     groups = filled * config.block_size // config.partition
     return Keys(sink_k, sink_v, tail_k, tail_v, pages, n_sinks, n_paged, n_tail, groups, config.partition)
-
-
-def token_scales(cache: Cache, block_tables: torch.Tensor, n_paged: torch.Tensor,
-                 config: KVConfig) -> dict[str, torch.Tensor]:
-    """With config.token_scales, "k_factor" and "v_factor": fp32 [BH, L] 2^e of each token on the pages of
-    block_tables [B, np] (format.py): the paged scores are multiplied by K's, the paged probabilities by V's
-    before P·V. Else empty."""
-    if not config.token_scales:
-        return {}
-    pages = torch_fast.page_ids(block_tables, n_paged, config.block_size)
-    return torch_fast.paged_token_factors(cache, pages)
 
 
 def read_pages(cache: Cache, pages: torch.Tensor, n_paged: torch.Tensor, config: KVConfig,
@@ -153,8 +141,9 @@ def read_pages(cache: Cache, pages: torch.Tensor, n_paged: torch.Tensor, config:
       "hack"        k      [g, BH, P, Π, Πd] K's codes per head_dim partition, k_scale/k_min [g, BH, D],
                     k_sums [g, BH, P, Π]
       "dequant"     k      [BH, L, D]   the dequantized K
-    and `token_scales` (the dequant layout folds them into k and v). Unstored groups get zero parameters (a stale
-    NaN would poison the sums). Only packed bytes and per-group parameters are gathered from the pool."""
+    and with token scales "k_factor"/"v_factor" (`torch_fast.paged_token_factors`; the dequant layout folds
+    them into k and v). Unstored groups get zero parameters (a stale NaN would poison the sums). Only packed
+    bytes and per-group parameters are gathered from the pool."""
     batch, num_pages = pages.shape
     pi, bs, bits, k_bits = config.partition, config.block_size, config.bits, config.k_bits
     heads, head_dim = cache["tail_k"].shape[1], cache["tail_k"].shape[-1]
@@ -280,7 +269,7 @@ def hack_pv(p: torch.Tensor, pages: dict[str, torch.Tensor], groups: int) -> tor
 
 def scale_paged_(x: torch.Tensor, pages: dict[str, torch.Tensor], factor: str) -> None:
     """x [BH, R, L'] (paged scores or probabilities, L' <= L) times each token's 2^e, in place, where the pages
-    carry token scales (`token_scales`)."""
+    carry token factors (read_pages)."""
     if factor in pages:
         x.mul_(pages[factor][:, None, : x.shape[-1]])
 
@@ -393,30 +382,28 @@ def _native_hack_decode(q: torch.Tensor, seq_lens: torch.Tensor, block_tables: t
     qh = _group_heads(q.unsqueeze(1), heads) * softmax_scale  # [B*Hkv, G, D] (a view of q: no in-place op)
     rows = qh.shape[1]
     sinks, paged, tail = sink_k.shape[1], int(n_paged.max()), tail_k.shape[1]
-    k_geometry, v_geometry = (_geometry(cache, block_tables, config, rows, head_dim, bits)
-                              for bits in (config.k_bits, config.bits))
-    pages = token_scales(cache, block_tables[:, : -(-paged // config.block_size)], n_paged, config)
+    k_geometry, v_geometry = (_geometry(cache, block_tables, config, rows, head_dim, part) for part in "kv")
     tables, n_paged = block_tables.to(torch.int32).contiguous(), n_paged.contiguous()
     scores = qh.new_empty((qh.shape[0], rows, sinks + paged + tail))
     torch.bmm(qh, sink_k.mT, out=scores[:, :, :sinks])
     native.hack_paged_scores(k_geometry, cache, tables, n_paged, qh, scores[:, :, sinks : sinks + paged])
-    scale_paged_(scores[:, :, sinks : sinks + paged], pages, "k_factor")
     torch.bmm(qh, tail_k.mT, out=scores[:, :, sinks + paged :])
     valid = torch.cat([torch.arange(n)[None] < count[:, None]
                        for n, count in ((sinks, n_sinks), (paged, n_paged), (tail, n_tail))], dim=1)  # [B, L]
     scores.view(batch, heads, rows, -1).masked_fill_(~valid[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    scale_paged_(probs[:, :, sinks : sinks + paged], pages, "v_factor")
     out = native.hack_paged_pv(v_geometry, cache, tables, n_paged, probs[:, :, sinks : sinks + paged])
     out.baddbmm_(probs[:, :, :sinks], sink_v).baddbmm_(probs[:, :, sinks + paged :], tail_v)
     return _ungroup_heads(out, batch, 1)[:, 0].to(q.dtype)
 
 
 def _geometry(cache: Cache, block_tables: torch.Tensor, config: KVConfig, rows: int, head_dim: int,
-              bits: int) -> native.Geometry:
-    """The C products' geometry, for codes `bits` wide (K's for the scores, V's for the output)."""
+              part: str) -> native.Geometry:
+    """The C products' geometry for K's codes and token exponents (part "k": the scores) or V's ("v": P·V)."""
+    bits, exp_shift = (config.k_bits, 0) if part == "k" else (config.bits, 4)
     return native.Geometry(cache["tail_k"].shape[1], head_dim, bits, config.partition,
-                           config.head_partition(head_dim), config.block_size, rows, block_tables.shape[1])
+                           config.head_partition(head_dim), config.block_size, rows, block_tables.shape[1],
+                           exp_shift)
 
 
 def _native_attend(cache: Cache, config: KVConfig, softmax_scale: float) -> "Attend":
@@ -426,17 +413,11 @@ def _native_attend(cache: Cache, config: KVConfig, softmax_scale: float) -> "Att
     def attend(qh: torch.Tensor, row_pos: torch.Tensor, keys: Keys, groups: int) -> torch.Tensor:
         table = keys.pages["tables"]
         visible = keys.n_paged.clamp(max=groups * keys.partition).contiguous()
-        k_geometry, v_geometry = (_geometry(cache, table, config, qh.shape[1], qh.shape[-1], bits)
-                                  for bits in (config.k_bits, config.bits))
-        def scores(rows: torch.Tensor, _: int, out: torch.Tensor) -> None:
-            native.hack_paged_scores(k_geometry, cache, table, visible, rows.contiguous(), out)
-            scale_paged_(out, keys.pages, "k_factor")
-
-        def output(p: torch.Tensor, _: int) -> torch.Tensor:
-            scale_paged_(p, keys.pages, "v_factor")  # p: columns of the probabilities, read once
-            return native.hack_paged_pv(v_geometry, cache, table, visible, p)
-
-        return attend_rows(qh, row_pos, keys, groups, softmax_scale, scores, output)
+        k_geometry, v_geometry = (_geometry(cache, table, config, qh.shape[1], qh.shape[-1], part) for part in "kv")
+        return attend_rows(qh, row_pos, keys, groups, softmax_scale,
+                           lambda rows, _, out: native.hack_paged_scores(k_geometry, cache, table, visible,
+                                                                         rows.contiguous(), out),
+                           lambda p, _: native.hack_paged_pv(v_geometry, cache, table, visible, p))
 
     return attend
 

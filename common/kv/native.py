@@ -35,10 +35,12 @@ FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c11"
 
 class Geometry(ctypes.Structure):
     """csrc/paged_attention.c's Geometry: one layer's pool and a decode batch; `bits` is the width of the codes
-    the call reads (K's for hack_paged_scores, V's for hack_paged_pv: key_bits may differ)."""
+    the call reads (K's for hack_paged_scores, V's for hack_paged_pv: key_bits may differ), `exp_shift` the bit
+    of its token-exponent nibble in kv_exp (0 for K, 4 for V; read only with token scales)."""
 
     _fields_ = [(name, ctypes.c_int64) for name in
-                ("heads", "head_dim", "bits", "partition", "head_part", "block_size", "rows", "max_pages")]
+                ("heads", "head_dim", "bits", "partition", "head_part", "block_size", "rows", "max_pages",
+                 "exp_shift")]
 
 
 def _cpu_flags() -> str:
@@ -83,8 +85,8 @@ def library() -> ctypes.CDLL | None:
         log.warning("native CPU kernels unavailable, CPU attention runs the slower torch ops: %s", error)
         return None
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.hack_paged_scores.argtypes = [ctypes.POINTER(Geometry)] + [pointer] * 7 + [i64] * 3
-    lib.hack_paged_pv.argtypes = [ctypes.POINTER(Geometry)] + [pointer] * 6 + [i64, pointer, i64, i64]
+    lib.hack_paged_scores.argtypes = [ctypes.POINTER(Geometry)] + [pointer] * 8 + [i64] * 3
+    lib.hack_paged_pv.argtypes = [ctypes.POINTER(Geometry)] + [pointer] * 7 + [i64, pointer, i64, i64]
     for fn in (lib.hack_paged_scores, lib.hack_paged_pv):
         fn.restype = None
     lib.hack_paged_vnni.argtypes, lib.hack_paged_vnni.restype = [ctypes.POINTER(Geometry)], ctypes.c_int
@@ -122,28 +124,35 @@ def _ptr(t: torch.Tensor, dtype: torch.dtype) -> int:
     return t.data_ptr()
 
 
+def _token_exp(cache: dict[str, torch.Tensor]) -> int | None:
+    """The kv_exp bytes of a pool with token scales, else NULL."""
+    return _ptr(cache["kv_exp"], torch.uint8) if "kv_exp" in cache else None
+
+
 def hack_paged_scores(geometry: Geometry, cache: dict[str, torch.Tensor], block_tables: torch.Tensor,
                        n_paged: torch.Tensor, q: torch.Tensor, scores: torch.Tensor) -> None:
     """q·k of the paged tokens into scores [BH, R, L] (columns t < n_paged[b] of each row written; the caller
-    passes a column slice of a wider contiguous tensor), q [BH, R, D] float32 scaled queries."""
+    passes a column slice of a wider contiguous tensor), q [BH, R, D] float32 scaled queries; times each token's
+    K 2^e where the cache holds token scales (kv_exp)."""
     if scores.stride(-1) != 1 or scores.stride(1) != scores.stride(0) // geometry.rows:
         raise ValueError("scores must be a column slice of a contiguous [BH, R, L] tensor")
     lib = library()
     args = (ctypes.byref(geometry), _ptr(cache["k_codes"], torch.uint8), _ptr(cache["k_scale"], torch.float16),
-            _ptr(cache["k_min"], torch.float16), _ptr(block_tables, torch.int32), _ptr(n_paged, torch.int64),
-            _ptr(q, torch.float32), scores.data_ptr(), scores.stride(1))
+            _ptr(cache["k_min"], torch.float16), _token_exp(cache), _ptr(block_tables, torch.int32),
+            _ptr(n_paged, torch.int64), _ptr(q, torch.float32), scores.data_ptr(), scores.stride(1))
     _run_split(lib.hack_paged_scores, args, q.shape[0])
 
 
 def hack_paged_pv(geometry: Geometry, cache: dict[str, torch.Tensor], block_tables: torch.Tensor,
                    n_paged: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """P·V of the paged tokens: probs [BH, R, L] (a column slice of a contiguous tensor) -> [BH, R, D]."""
+    """P·V of the paged tokens: probs [BH, R, L] (a column slice of a contiguous tensor) -> [BH, R, D]; P times
+    each token's V 2^e before it is quantized where the cache holds token scales (kv_exp)."""
     if probs.stride(-1) != 1 or probs.stride(1) != probs.stride(0) // geometry.rows:
         raise ValueError("probs must be a column slice of a contiguous [BH, R, L] tensor")
     out = torch.empty(probs.shape[0], geometry.rows, geometry.head_dim)
     lib = library()
     args = (ctypes.byref(geometry), _ptr(cache["v_codes"], torch.uint8), _ptr(cache["v_scale"], torch.float16),
-            _ptr(cache["v_min"], torch.float16), _ptr(block_tables, torch.int32), _ptr(n_paged, torch.int64),
-            probs.data_ptr(), probs.stride(1), out.data_ptr())
+            _ptr(cache["v_min"], torch.float16), _token_exp(cache), _ptr(block_tables, torch.int32),
+            _ptr(n_paged, torch.int64), probs.data_ptr(), probs.stride(1), out.data_ptr())
     _run_split(lib.hack_paged_pv, args, probs.shape[0])
     return out

@@ -5,6 +5,9 @@
  * Built by common/kv/native.py (cc -O3 -march=native -shared); no Python or torch headers. One call covers the
  * (sequence, KV head) pairs [bh_start, bh_end) of a batch, so Python runs disjoint ranges on several threads.
  *
+ * Token scales (token_exp, kv_exp of format.py, or NULL): each token's score times its K 2^e, each probability
+ * times its V 2^e before P is quantized (Geometry.exp_shift picks the nibble).
+ *
  * Layouts (format.py): codes [blocks, H, bs, W] uint8, a token's row holds channel c in byte c / per_byte at bit
  * bits * (c % per_byte) (per_byte = 8 / bits; Geometry.bits is the width of the codes a call reads: K's in
  * hack_paged_scores, V's in hack_paged_pv, which differ under key_bits); group parameters [blocks, H, bs / PI, D]
@@ -23,7 +26,17 @@ typedef _Float16 half;
 
 typedef struct {
     int64_t heads, head_dim, bits, partition, head_part, block_size, rows, max_pages;
+    int64_t exp_shift;  /* token scales: the bit of this call's exponent nibble in kv_exp (0: K, 4: V) */
 } Geometry;
+
+/* 2^e of a token-exponent nibble (format.py token scales: e = n for n < 8, n - 16 above) */
+static const float EXP_FACTOR[16] = {1.0f, 2.0f, 4.0f, 8.0f, 16.0f, 32.0f, 64.0f, 128.0f,
+                                     1.0f / 256, 1.0f / 128, 1.0f / 64, 1.0f / 32, 1.0f / 16, 1.0f / 8, 1.0f / 4, 0.5f};
+
+static inline float token_factor(const Geometry *g, const uint8_t *token_exp, int64_t row) {
+    /* the token's 2^e for this call's part, 1 without token scales (token_exp NULL) */
+    return token_exp ? EXP_FACTOR[(token_exp[row] >> g->exp_shift) & 15] : 1.0f;
+}
 
 static inline int64_t token_row(const Geometry *g, const int32_t *table, int64_t head, int64_t t) {
     /* the pool row (block, head, slot) of paged token t */
@@ -109,8 +122,8 @@ static float quantize_partition(const float *x, int64_t width, int64_t per_byte,
  * scales, quantized to 8 bits per head_part channels, the integer product with K's codes, then
  * scale x product + minimum x code sums + q·mK. Channels are handled in plane order (unpack_planes). */
 static void scores_generic(const Geometry *g, const uint8_t *k_codes, const half *k_scale, const half *k_min,
-                        const int32_t *block_tables, const int64_t *n_paged, const float *q, float *scores,
-                        int64_t stride, int64_t bh_start, int64_t bh_end) {
+                        const uint8_t *token_exp, const int32_t *block_tables, const int64_t *n_paged,
+                        const float *q, float *scores, int64_t stride, int64_t bh_start, int64_t bh_end) {
     const int64_t D = g->head_dim, R = g->rows, P = D / g->head_part, W = D * g->bits / 8;
     const int64_t per_byte = 8 / g->bits, run = g->head_part / per_byte;
     float *qp = malloc(sizeof(float) * R * D), *folded = malloc(sizeof(float) * R * D);
@@ -144,6 +157,7 @@ static void scores_generic(const Geometry *g, const uint8_t *k_codes, const half
             }
             const int64_t t1 = t0 + g->partition < n ? t0 + g->partition : n;
             for (int64_t t = t0; t < t1; t++) {
+                const float factor = token_factor(g, token_exp, token_row(g, table, h, t));
                 unpack_int(k_codes + token_row(g, table, h, t) * W, krow, W, g->bits);
                 for (int64_t p = 0; p < P; p++) {
                     int32_t sum = 0;
@@ -160,7 +174,7 @@ static void scores_generic(const Geometry *g, const uint8_t *k_codes, const half
                             for (int64_t j = p * run; j < (p + 1) * run; j++) dot += a[s * W + j] * krow[s * W + j];
                         total += qscale[r * P + p] * (float)dot + qmin[r * P + p] * ksum[p];
                     }
-                    scores[(bh * R + r) * stride + t] = total;
+                    scores[(bh * R + r) * stride + t] = total * factor;
                 }
             }
         }
@@ -174,13 +188,14 @@ static void scores_generic(const Geometry *g, const uint8_t *k_codes, const half
  * 8 bits per row, the integer product with V's codes, then sP sV x product + minimum x sV x code sums
  * + (Σ dequantized P) x mV. Channels in plane order until the output is written. */
 static void pv_generic(const Geometry *g, const uint8_t *v_codes, const half *v_scale, const half *v_min,
-                    const int32_t *block_tables, const int64_t *n_paged, const float *probs, int64_t stride,
-                    float *out, int64_t bh_start, int64_t bh_end) {
+                    const uint8_t *token_exp, const int32_t *block_tables, const int64_t *n_paged,
+                    const float *probs, int64_t stride, float *out, int64_t bh_start, int64_t bh_end) {
     const int64_t D = g->head_dim, R = g->rows, PI = g->partition, W = D * g->bits / 8, per_byte = 8 / g->bits;
     float *p = malloc(sizeof(float) * R * PI), *pcodes = malloc(sizeof(float) * R * PI);
     float *product = malloc(sizeof(float) * R * D), *acc = malloc(sizeof(float) * R * D);
     float *vrow = malloc(sizeof(float) * D), *vsum = malloc(sizeof(float) * D);
     float *pscale = malloc(sizeof(float) * R), *pmin = malloc(sizeof(float) * R), *psum = malloc(sizeof(float) * R);
+    float *factor = malloc(sizeof(float) * PI);
     int64_t *channel = malloc(sizeof(int64_t) * D);
     for (int64_t i = 0; i < D; i++) channel[i] = plane_channel(i, W, per_byte);
     for (int64_t bh = bh_start; bh < bh_end; bh++) {
@@ -189,9 +204,10 @@ static void pv_generic(const Geometry *g, const uint8_t *v_codes, const half *v_
         memset(acc, 0, sizeof(float) * R * D);
         for (int64_t t0 = 0; t0 < n; t0 += PI) {
             const int64_t count = t0 + PI < n ? PI : n - t0;
+            for (int64_t i = 0; i < count; i++) factor[i] = token_factor(g, token_exp, token_row(g, table, h, t0 + i));
             for (int64_t r = 0; r < R; r++) {
                 const float *src = probs + (bh * R + r) * stride + t0;
-                for (int64_t i = 0; i < PI; i++) p[r * PI + i] = i < count ? src[i] : 0.0f;
+                for (int64_t i = 0; i < PI; i++) p[r * PI + i] = i < count ? src[i] * factor[i] : 0.0f;
                 pscale[r] = quantize_u8(p + r * PI, PI, pcodes + r * PI, pmin + r);
                 float codes_sum = 0;
 #pragma omp simd reduction(+ : codes_sum)
@@ -221,7 +237,7 @@ static void pv_generic(const Geometry *g, const uint8_t *v_codes, const half *v_
             for (int64_t c = 0; c < D; c++) out[(bh * R + r) * D + channel[c]] = acc[r * D + c];
     }
     free(p), free(pcodes), free(product), free(acc), free(vrow), free(vsum), free(pscale), free(pmin), free(psum);
-    free(channel);
+    free(factor), free(channel);
 }
 
 #ifdef HAVE_VNNI
@@ -264,8 +280,8 @@ static inline float quantize_s8_avx(const float *x, int64_t n, int8_t *out, floa
  * holds the codes at shift s, i.e. 4 channels (one per byte) of 16 tokens, and q's codes are packed to match:
  * dword v of a row = the 4 q codes of those channels (by_shift puts a 16-channel chunk in that order). */
 static void scores_vnni(const Geometry *g, const uint8_t *k_codes, const half *k_scale, const half *k_min,
-                        const int32_t *block_tables, const int64_t *n_paged, const float *q, float *scores,
-                        int64_t stride, int64_t bh_start, int64_t bh_end) {
+                        const uint8_t *token_exp, const int32_t *block_tables, const int64_t *n_paged,
+                        const float *q, float *scores, int64_t stride, int64_t bh_start, int64_t bh_end) {
     const int64_t D = g->head_dim, R = g->rows, pd = g->head_part, P = D / pd, bits = g->bits;
     const int64_t W = D * bits / 8, words = W / 4, per_byte = 8 / bits, vectors = D / 4;
     float *folded = malloc(sizeof(float) * D), *sK = malloc(sizeof(float) * D), *mK = malloc(sizeof(float) * D);
@@ -308,6 +324,14 @@ static void scores_vnni(const Geometry *g, const uint8_t *k_codes, const half *k
             const uint8_t *rows = k_codes + token_row(g, table, h, t0) * W;  /* a group lies in one page */
             for (int64_t tb = 0; tb < count; tb += 16) {
                 const __mmask16 mask = count - tb >= 16 ? 0xFFFF : (__mmask16)((1u << (count - tb)) - 1);
+                __m512 factors = _mm512_set1_ps(1.0f);  /* the 16 tokens' 2^e (token scales) */
+                if (token_exp) {  /* 16 exponent bytes: in the group's page even past its stored tokens */
+                    const uint8_t *group_exp = token_exp + token_row(g, table, h, t0) + tb;
+                    const __m128i bytes = _mm_loadu_si128((const __m128i *)group_exp);
+                    const __m512i nibbles = _mm512_and_si512(
+                        _mm512_srli_epi32(_mm512_cvtepu8_epi32(bytes), (unsigned)g->exp_shift), _mm512_set1_epi32(15));
+                    factors = _mm512_permutexvar_ps(nibbles, _mm512_loadu_ps(EXP_FACTOR));
+                }
                 for (int64_t p = 0; p < P; p++) sums[p] = _mm512_setzero_si512();
                 for (int64_t word = 0; word < words; word++) {  /* the 16 tokens' codes, once for all rows */
                     const __m512i data = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, lanes,
@@ -336,7 +360,8 @@ static void scores_vnni(const Geometry *g, const uint8_t *k_codes, const half *k
                         total = _mm512_fmadd_ps(_mm512_set1_ps(qscale[r * P + p]), _mm512_cvtepi32_ps(dot), total);
                         total = _mm512_fmadd_ps(_mm512_set1_ps(qmin[r * P + p]), _mm512_cvtepi32_ps(sums[p]), total);
                     }
-                    _mm512_mask_storeu_ps(scores + (bh * R + r) * stride + t0 + tb, mask, total);
+                    _mm512_mask_storeu_ps(scores + (bh * R + r) * stride + t0 + tb, mask,
+                                          _mm512_mul_ps(total, factors));
                 }
             }
         }
@@ -347,11 +372,12 @@ static void scores_vnni(const Geometry *g, const uint8_t *k_codes, const half *k
 /* P·V: 4 tokens per 32-bit lane (the rows of 4 tokens interleaved byte by byte), 16 byte positions of the rows
  * per vector; a lane's code (chunk k, lane l, shift s) is channel 4 (16 k + l) + s. */
 static void pv_vnni(const Geometry *g, const uint8_t *v_codes, const half *v_scale, const half *v_min,
-                    const int32_t *block_tables, const int64_t *n_paged, const float *probs, int64_t stride,
-                    float *out, int64_t bh_start, int64_t bh_end) {
+                    const uint8_t *token_exp, const int32_t *block_tables, const int64_t *n_paged,
+                    const float *probs, int64_t stride, float *out, int64_t bh_start, int64_t bh_end) {
     const int64_t D = g->head_dim, R = g->rows, PI = g->partition, W = D / 4, chunks = W / 16;
     const int64_t vectors = chunks * 4;  /* (chunk, shift) accumulators per row */
     float *p = malloc(sizeof(float) * PI), *natural = malloc(sizeof(float) * D);
+    float *factor = malloc(sizeof(float) * PI);
     float *pscale = malloc(sizeof(float) * R), *pmin = malloc(sizeof(float) * R), *psum = malloc(sizeof(float) * R);
     int8_t *signed_codes = malloc((size_t)R * (PI + 4));
     __m512i *cv = aligned_alloc(64, sizeof(__m512i) * (PI / 4 + 1) * vectors);  /* a group's codes per (step, v) */
@@ -369,11 +395,14 @@ static void pv_vnni(const Geometry *g, const uint8_t *v_codes, const half *v_sca
         memset(result, 0, sizeof(float) * R * D);
         for (int64_t t0 = 0; t0 < n; t0 += PI) {
             const int64_t count = n - t0 < PI ? n - t0 : PI;
+            for (int64_t i = 0; token_exp && i < count; i++)
+                factor[i] = token_factor(g, token_exp, token_row(g, table, h, t0 + i));
             for (int64_t r = 0; r < R; r++) {
                 const float *src = probs + (bh * R + r) * stride + t0;
                 const float *x = src;
-                if (count < PI) {  /* the last group: zero probabilities past the stored tokens */
-                    for (int64_t i = 0; i < PI; i++) p[i] = i < count ? src[i] : 0.0f;
+                if (count < PI || token_exp) {  /* zero probabilities past the stored tokens; P times 2^e */
+                    for (int64_t i = 0; i < PI; i++)
+                        p[i] = i < count ? (token_exp ? src[i] * factor[i] : src[i]) : 0.0f;
                     x = p;
                 }
                 float codes_sum;
@@ -434,7 +463,8 @@ static void pv_vnni(const Geometry *g, const uint8_t *v_codes, const half *v_sca
         for (int64_t r = 0; r < R; r++)
             for (int64_t i = 0; i < D; i++) out[(bh * R + r) * D + channel[i]] = result[r * D + i];
     }
-    free(p), free(natural), free(pscale), free(pmin), free(psum), free(signed_codes), free(cv), free(sums), free(result);
+    free(p), free(natural), free(factor), free(pscale), free(pmin), free(psum), free(signed_codes), free(cv), free(sums);
+    free(result);
     free(sv), free(mv), free(channel);
 }
 #endif
@@ -457,25 +487,27 @@ int hack_paged_vnni(const Geometry *g) {
 }
 
 void hack_paged_scores(const Geometry *g, const uint8_t *k_codes, const half *k_scale, const half *k_min,
-                        const int32_t *block_tables, const int64_t *n_paged, const float *q, float *scores,
-                        int64_t stride, int64_t bh_start, int64_t bh_end) {
+                        const uint8_t *token_exp, const int32_t *block_tables, const int64_t *n_paged,
+                        const float *q, float *scores, int64_t stride, int64_t bh_start, int64_t bh_end) {
 #ifdef HAVE_VNNI
     if (vnni_fits(g, SCORES_VNNI_BITS)) {
-        scores_vnni(g, k_codes, k_scale, k_min, block_tables, n_paged, q, scores, stride, bh_start, bh_end);
+        scores_vnni(g, k_codes, k_scale, k_min, token_exp, block_tables, n_paged, q, scores, stride, bh_start,
+                    bh_end);
         return;
     }
 #endif
-    scores_generic(g, k_codes, k_scale, k_min, block_tables, n_paged, q, scores, stride, bh_start, bh_end);
+    scores_generic(g, k_codes, k_scale, k_min, token_exp, block_tables, n_paged, q, scores, stride, bh_start,
+                   bh_end);
 }
 
 void hack_paged_pv(const Geometry *g, const uint8_t *v_codes, const half *v_scale, const half *v_min,
-                    const int32_t *block_tables, const int64_t *n_paged, const float *probs, int64_t stride,
-                    float *out, int64_t bh_start, int64_t bh_end) {
+                    const uint8_t *token_exp, const int32_t *block_tables, const int64_t *n_paged,
+                    const float *probs, int64_t stride, float *out, int64_t bh_start, int64_t bh_end) {
 #ifdef HAVE_VNNI
     if (vnni_fits(g, PV_VNNI_BITS)) {
-        pv_vnni(g, v_codes, v_scale, v_min, block_tables, n_paged, probs, stride, out, bh_start, bh_end);
+        pv_vnni(g, v_codes, v_scale, v_min, token_exp, block_tables, n_paged, probs, stride, out, bh_start, bh_end);
         return;
     }
 #endif
-    pv_generic(g, v_codes, v_scale, v_min, block_tables, n_paged, probs, stride, out, bh_start, bh_end);
+    pv_generic(g, v_codes, v_scale, v_min, token_exp, block_tables, n_paged, probs, stride, out, bh_start, bh_end);
 }

@@ -64,7 +64,7 @@ def test_vnni_paths_by_code_width():
     """q·k reads 2- and 4-bit codes with VNNI, P·V 2-bit codes; 8-bit codes and head_dim 16 take the portable
     loops (where the CPU has no VNNI, everything does)."""
     def paths(bits: int, head_dim: int) -> tuple[bool, bool]:
-        return native.uses_vnni(native.Geometry(3, head_dim, bits, 128, min(64, head_dim), 256, 3, 4))
+        return native.uses_vnni(native.Geometry(3, head_dim, bits, 128, min(64, head_dim), 256, 3, 4, 0))
 
     vnni = paths(2, 64)[0]
     assert paths(2, 64) == (vnni, vnni)
