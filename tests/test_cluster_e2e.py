@@ -241,8 +241,9 @@ def test_killing_a_decode_instance_migrates_its_streams_and_reroutes(cluster: Cl
     """Last: it takes decode-0 away for good (this cluster is not supervised; tests/test_chaos.py covers restarts).
     The stream on the killed instance resumes on the other one, losing and repeating nothing: the same tokens as
     the undisturbed stream through the seam and well past it, and as many. Not necessarily all 400: the resumed
-    request's prefill recomputes the streamed tokens' K/V in one batched forward (float rounding of other matmul
-    shapes than the one-token steps), and once the 2-bit codes amplify that, a long greedy text may part late."""
+    request's prefill recomputes the streamed tokens' K/V in one batched forward (other matmul shapes than the
+    one-token steps, and a token may read as codes what was still in the 16-bit window when it was decoded), and
+    once the 2-bit codes amplify that, a long greedy text may part late."""
     body = completion_body(cluster, PROMPTS[0], max_tokens=400, ignore_eos=True)
     victim = cluster.by_role("decode")[0]
 
