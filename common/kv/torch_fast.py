@@ -376,9 +376,7 @@ def read_pages(cache: Cache, block_tables: torch.Tensor, n_paged: torch.Tensor,
     for name in group_fields:
         if name in paged:
             zero_rows_(paged[name], stored_groups)
-    for name in ("v_codes", "kv_exp"):  # an unstored token's stale byte is no exponent
-        if name in paged:
-            zero_rows_(paged[name], slots < n_paged[:, None])
+    zero_rows_(paged["v_codes"], slots < n_paged[:, None])  # stale kv_exp bytes stay: any nibble's 2^e is finite
     paged["k_codes"] = unpack_float(paged["k_codes"], config.k_bits)
     paged["v_codes"] = unpack_float(paged["v_codes"], config.bits)
     return {name: x.flatten(0, 1) for name, x in paged.items()}, slots
