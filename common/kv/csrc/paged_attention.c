@@ -251,19 +251,27 @@ static inline void halves_to_float(const half *src, float *dst, int64_t n) {  /*
         _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
 }
 
-/* quantize_u8 of x[n] (n a multiple of 16) with the codes minus 128 as signed bytes into out (channel order);
- * returns the scale, *lo the minimum. _mm512_roundscale_ps rounds half to even, as nearbyintf and torch.round. */
-static inline float quantize_s8_avx(const float *x, int64_t n, int8_t *out, float *lo, float *codes_sum) {
-    __m512 mn = _mm512_loadu_ps(x), mx = mn;
+/* x[i] times factor[i] (token scales), or x[i] where factor is NULL, for 16 lanes from i */
+static inline __m512 load_scaled(const float *x, const float *factor, int64_t i) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    return factor ? _mm512_mul_ps(v, _mm512_loadu_ps(factor + i)) : v;
+}
+
+/* quantize_u8 of x[n] (times factor[n] when not NULL; n a multiple of 16) with the codes minus 128 as signed
+ * bytes into out (channel order); returns the scale, *lo the minimum. _mm512_roundscale_ps rounds half to even,
+ * as nearbyintf and torch.round. */
+static inline float quantize_s8_avx(const float *x, const float *factor, int64_t n, int8_t *out, float *lo,
+                                    float *codes_sum) {
+    __m512 mn = load_scaled(x, factor, 0), mx = mn;
     for (int64_t i = 16; i < n; i += 16) {
-        mn = _mm512_min_ps(mn, _mm512_loadu_ps(x + i));
-        mx = _mm512_max_ps(mx, _mm512_loadu_ps(x + i));
+        mn = _mm512_min_ps(mn, load_scaled(x, factor, i));
+        mx = _mm512_max_ps(mx, load_scaled(x, factor, i));
     }
     const float low = _mm512_reduce_min_ps(mn), scale = (_mm512_reduce_max_ps(mx) - low) / 255.0f;
     const __m512 base = _mm512_set1_ps(low), safe = _mm512_set1_ps(scale > 0 ? scale : 1.0f);
     __m512 sum = _mm512_setzero_ps();
     for (int64_t i = 0; i < n; i += 16) {
-        __m512 c = _mm512_div_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), base), safe);
+        __m512 c = _mm512_div_ps(_mm512_sub_ps(load_scaled(x, factor, i), base), safe);
         c = _mm512_roundscale_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         c = _mm512_min_ps(_mm512_max_ps(c, _mm512_setzero_ps()), _mm512_set1_ps(255.0f));
         sum = _mm512_add_ps(sum, c);
@@ -315,7 +323,8 @@ static void scores_vnni(const Geometry *g, const uint8_t *k_codes, const half *k
                 }
                 offset[r] = _mm512_reduce_add_ps(off);
                 for (int64_t p = 0; p < P; p++)
-                    qscale[r * P + p] = quantize_s8_avx(folded + p * pd, pd, codes + p * pd, qmin + r * P + p, NULL);
+                    qscale[r * P + p] = quantize_s8_avx(folded + p * pd, NULL, pd, codes + p * pd, qmin + r * P + p,
+                                                        NULL);
                 for (int64_t chunk = 0; chunk < D / 16; chunk++)
                     _mm_storeu_si128((__m128i *)(packed + r * vectors + 4 * chunk),
                                      _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(codes + 16 * chunk)),
@@ -395,18 +404,27 @@ static void pv_vnni(const Geometry *g, const uint8_t *v_codes, const half *v_sca
         memset(result, 0, sizeof(float) * R * D);
         for (int64_t t0 = 0; t0 < n; t0 += PI) {
             const int64_t count = n - t0 < PI ? n - t0 : PI;
-            for (int64_t i = 0; token_exp && i < count; i++)
-                factor[i] = token_factor(g, token_exp, token_row(g, table, h, t0 + i));
+            const float *scale_by = NULL;  /* token scales: the group's 2^e, applied as P is quantized */
+            if (token_exp) {  /* PI exponent bytes: the group lies in one page */
+                const uint8_t *group_exp = token_exp + token_row(g, table, h, t0);
+                const __m512 lut = _mm512_loadu_ps(EXP_FACTOR);
+                for (int64_t i = 0; i < PI; i += 16) {
+                    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(group_exp + i)));
+                    const __m512i nibbles = _mm512_and_si512(_mm512_srli_epi32(bytes, (unsigned)g->exp_shift),
+                                                             _mm512_set1_epi32(15));
+                    _mm512_storeu_ps(factor + i, _mm512_permutexvar_ps(nibbles, lut));
+                }
+                scale_by = factor;
+            }
             for (int64_t r = 0; r < R; r++) {
                 const float *src = probs + (bh * R + r) * stride + t0;
                 const float *x = src;
-                if (count < PI || token_exp) {  /* zero probabilities past the stored tokens; P times 2^e */
-                    for (int64_t i = 0; i < PI; i++)
-                        p[i] = i < count ? (token_exp ? src[i] * factor[i] : src[i]) : 0.0f;
+                if (count < PI) {  /* the last group: zero probabilities past the stored tokens */
+                    for (int64_t i = 0; i < PI; i++) p[i] = i < count ? src[i] : 0.0f;
                     x = p;
                 }
                 float codes_sum;
-                pscale[r] = quantize_s8_avx(x, PI, signed_codes + r * (PI + 4), pmin + r, &codes_sum);
+                pscale[r] = quantize_s8_avx(x, scale_by, PI, signed_codes + r * (PI + 4), pmin + r, &codes_sum);
                 psum[r] = PI * pmin[r] + pscale[r] * codes_sum;
             }
             const uint8_t *rows = v_codes + token_row(g, table, h, t0) * W;
