@@ -251,6 +251,13 @@ static inline void halves_to_float(const half *src, float *dst, int64_t n) {  /*
         _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
 }
 
+/* token_factor of 16 consecutive exponent bytes: the nibble picked by a shift and a mask, 2^e by vpermps */
+static inline __m512 token_factors16(const Geometry *g, const uint8_t *bytes) {
+    const __m512i wide = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)bytes));
+    const __m512i nibbles = _mm512_and_si512(_mm512_srli_epi32(wide, (unsigned)g->exp_shift), _mm512_set1_epi32(15));
+    return _mm512_permutexvar_ps(nibbles, _mm512_loadu_ps(EXP_FACTOR));
+}
+
 /* x[i] times factor[i] (token scales), or x[i] where factor is NULL, for 16 lanes from i */
 static inline __m512 load_scaled(const float *x, const float *factor, int64_t i) {
     const __m512 v = _mm512_loadu_ps(x + i);
@@ -334,13 +341,8 @@ static void scores_vnni(const Geometry *g, const uint8_t *k_codes, const half *k
             for (int64_t tb = 0; tb < count; tb += 16) {
                 const __mmask16 mask = count - tb >= 16 ? 0xFFFF : (__mmask16)((1u << (count - tb)) - 1);
                 __m512 factors = _mm512_set1_ps(1.0f);  /* the 16 tokens' 2^e (token scales) */
-                if (token_exp) {  /* 16 exponent bytes: in the group's page even past its stored tokens */
-                    const uint8_t *group_exp = token_exp + token_row(g, table, h, t0) + tb;
-                    const __m128i bytes = _mm_loadu_si128((const __m128i *)group_exp);
-                    const __m512i nibbles = _mm512_and_si512(
-                        _mm512_srli_epi32(_mm512_cvtepu8_epi32(bytes), (unsigned)g->exp_shift), _mm512_set1_epi32(15));
-                    factors = _mm512_permutexvar_ps(nibbles, _mm512_loadu_ps(EXP_FACTOR));
-                }
+                if (token_exp)  /* 16 exponent bytes: in the group's page even past its stored tokens */
+                    factors = token_factors16(g, token_exp + token_row(g, table, h, t0) + tb);
                 for (int64_t p = 0; p < P; p++) sums[p] = _mm512_setzero_si512();
                 for (int64_t word = 0; word < words; word++) {  /* the 16 tokens' codes, once for all rows */
                     const __m512i data = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, lanes,
@@ -407,13 +409,7 @@ static void pv_vnni(const Geometry *g, const uint8_t *v_codes, const half *v_sca
             const float *scale_by = NULL;  /* token scales: the group's 2^e, applied as P is quantized */
             if (token_exp) {  /* PI exponent bytes: the group lies in one page */
                 const uint8_t *group_exp = token_exp + token_row(g, table, h, t0);
-                const __m512 lut = _mm512_loadu_ps(EXP_FACTOR);
-                for (int64_t i = 0; i < PI; i += 16) {
-                    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(group_exp + i)));
-                    const __m512i nibbles = _mm512_and_si512(_mm512_srli_epi32(bytes, (unsigned)g->exp_shift),
-                                                             _mm512_set1_epi32(15));
-                    _mm512_storeu_ps(factor + i, _mm512_permutexvar_ps(nibbles, lut));
-                }
+                for (int64_t i = 0; i < PI; i += 16) _mm512_storeu_ps(factor + i, token_factors16(g, group_exp + i));
                 scale_by = factor;
             }
             for (int64_t r = 0; r < R; r++) {
